@@ -1,0 +1,57 @@
+"""Knowledge-distillation losses L_KD(psi', theta) of Eq. 7, in a small registry.
+
+Every loss takes the student's and the teacher's :class:`Outputs` on the support set.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .functional import Outputs
+
+KDLoss = Callable[[Outputs, Outputs], Tensor]
+
+
+def hinton_kl(student: Outputs, teacher: Outputs, temperature: float = 4.0) -> Tensor:
+    """KL(teacher || student) of temperature-softened logits, times T^2 (Hinton et al. 2015)."""
+    log_p_student = F.log_softmax(student.logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.logits / temperature, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1).mean()
+    return kl * temperature ** 2
+
+
+def _normalised_distances(e: Tensor) -> Tensor:
+    diff = e.unsqueeze(0) - e.unsqueeze(1)
+    off_diagonal = 1.0 - torch.eye(e.shape[0], dtype=e.dtype, device=e.device)
+    dist = (diff.pow(2).sum(-1) + (1.0 - off_diagonal)).sqrt() * off_diagonal
+    return dist / (dist.sum() / off_diagonal.sum())
+
+
+def _angles(e: Tensor) -> Tensor:
+    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+
+def relational_kd(student: Outputs, teacher: Outputs, distance_weight: float = 25.0,
+                  angle_weight: float = 50.0) -> Tensor:
+    """RKD distance + angle losses on embeddings (Park et al. 2019); the dimensions may differ."""
+    s, t = student.embedding, teacher.embedding
+    loss = distance_weight * F.smooth_l1_loss(_normalised_distances(s), _normalised_distances(t))
+    return loss + angle_weight * F.smooth_l1_loss(_angles(s), _angles(t))
+
+
+KD_LOSSES: dict[str, Callable[..., Tensor]] = {"kl": hinton_kl, "rkd": relational_kd}
+
+
+def make_kd_loss(name: str, **settings: float) -> KDLoss:
+    """The registered loss ``name`` with those ``settings`` it accepts bound."""
+    if name not in KD_LOSSES:
+        raise ValueError(f"unknown KD loss {name!r}; registered: {', '.join(KD_LOSSES)}")
+    fn = KD_LOSSES[name]
+    accepted = inspect.signature(fn).parameters
+    return partial(fn, **{k: v for k, v in settings.items() if k in accepted})

@@ -1,0 +1,122 @@
+"""Meta-gradients over a batch of tasks (Eq. 10), per task or batched with ``torch.func.vmap``.
+
+MAML: the outer gradient of the summed query losses (Eq. 10a for psi, 10b for theta).
+Reptile: the summed displacement ``w - w'_i`` of each model (Nichol et al. 2018).
+Both return *sums* over tasks so that partial results from several workers add up.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .functional import Params, detached
+from .kd import KDLoss
+from .tsmd import InnerSettings, run_task
+
+
+@dataclass
+class TaskBatch:
+    """Episodes stacked over a leading task dimension."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def chunks(self, size: int) -> Iterator["TaskBatch"]:
+        for start in range(0, len(self), size):
+            yield TaskBatch(*(t[start:start + size] for t in
+                              (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "TaskBatch":
+        return TaskBatch(self.support_x.to(device, dtype), self.support_y.to(device),
+                         self.query_x.to(device, dtype), self.query_y.to(device))
+
+
+@dataclass
+class MetaObjective:
+    """The meta-learning objective of one method over functional weights (psi, theta).
+
+    ``teacher``/``student`` are ``None`` for methods without them. ``vmap_chunk`` > 0 batches
+    that many tasks per ``vmap`` call; 0 runs tasks one by one (the per-task loop).
+    """
+
+    teacher: nn.Module | None
+    student: nn.Module | None
+    kd_loss: KDLoss
+    settings: InnerSettings
+    algorithm: str = "maml"
+    vmap_chunk: int = 0
+
+    def _task_results(self, psi: Params, theta: Params, tasks: TaskBatch, settings: InnerSettings):
+        """Yield ``(metrics, psi', theta')`` per chunk, each with a leading task dimension."""
+        def one(sx, sy, qx, qy):
+            return run_task(self.teacher, self.student, self.kd_loss, settings, psi, theta, sx, sy, qx, qy)
+
+        if self.vmap_chunk > 0:
+            batched = torch.func.vmap(one)
+            for chunk in tasks.chunks(self.vmap_chunk):
+                yield batched(chunk.support_x, chunk.support_y, chunk.query_x, chunk.query_y)
+        else:
+            for i in range(len(tasks)):
+                metrics, psi_i, theta_i = one(tasks.support_x[i], tasks.support_y[i],
+                                              tasks.query_x[i], tasks.query_y[i])
+                yield ({k: v.unsqueeze(0) for k, v in metrics.items()},
+                       {k: v.unsqueeze(0) for k, v in psi_i.items()},
+                       {k: v.unsqueeze(0) for k, v in theta_i.items()})
+
+    def gradient_sums(self, psi: Params, theta: Params, tasks: TaskBatch
+                      ) -> tuple[Params, Params, dict[str, float]]:
+        """Outer-gradient sums for psi and theta and metric sums over ``tasks``.
+
+        Only weights with ``requires_grad`` get gradients (a fixed teacher gets none).
+        """
+        psi_leaves = {k: v for k, v in psi.items() if v.requires_grad}
+        theta_leaves = {k: v for k, v in theta.items() if v.requires_grad}
+        grads_psi = {k: torch.zeros_like(v) for k, v in psi_leaves.items()}
+        grads_theta = {k: torch.zeros_like(v) for k, v in theta_leaves.items()}
+        metric_sums: dict[str, float] = {}
+        if self.algorithm == "reptile":
+            psi, theta = detached(psi), detached(theta)
+        for metrics, psi_task, theta_task in self._task_results(psi, theta, tasks, self.settings):
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(value.detach().sum())
+            if self.algorithm == "reptile":
+                _add_displacement(grads_psi, psi, psi_task)
+                _add_displacement(grads_theta, theta, theta_task)
+            else:
+                _add_query_gradients(grads_psi, grads_theta, psi_leaves, theta_leaves, metrics)
+        return grads_psi, grads_theta, metric_sums
+
+    def evaluate(self, psi: Params, theta: Params, tasks: TaskBatch, steps: int) -> dict[str, Tensor]:
+        """Per-task query metrics after first-order adaptation with ``steps`` inner steps."""
+        settings = InnerSettings(**{**self.settings.__dict__, "steps": steps,
+                                    "first_order_teacher": True, "first_order_student": True})
+        psi, theta = detached(psi), detached(theta)
+        per_chunk = [metrics for metrics, _, _ in self._task_results(psi, theta, tasks, settings)]
+        return {name: torch.cat([m[name].detach() for m in per_chunk]) for name in per_chunk[0]}
+
+
+def _add_query_gradients(grads_psi: Params, grads_theta: Params, psi: Params, theta: Params,
+                         metrics: dict[str, Tensor]) -> None:
+    """Eq. 10: d/d(psi, theta) of the summed query losses, accumulated into the grad sums."""
+    loss = sum(metrics[k].sum() for k in ("teacher/loss", "student/loss") if k in metrics)
+    leaves = list(psi.values()) + list(theta.values())
+    if not leaves:
+        return
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    for (name, acc), g in zip(list(grads_psi.items()) + list(grads_theta.items()), grads):
+        if g is not None:
+            acc.add_(g)
+
+
+def _add_displacement(acc: Params, initial: Params, adapted: Params) -> None:
+    """Reptile: add sum_i (w - w'_i) for the weights that are trained."""
+    for name in acc:
+        acc[name].add_((initial[name].unsqueeze(0) - adapted[name]).sum(0))

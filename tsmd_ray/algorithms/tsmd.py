@@ -1,0 +1,77 @@
+"""Task-specific meta distillation for one task: Eq. 6, 7 and 8 of Wu et al. (WACV 2023).
+
+``run_task`` is a pure function of the initial weights (psi, theta) and one episode, so the
+same code runs per task in a loop or batched over tasks with ``torch.func.vmap``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .functional import Outputs, Params, accuracy, cross_entropy, forward
+from .kd import KDLoss
+from .maml import inner_loop
+
+
+@dataclass(frozen=True)
+class InnerSettings:
+    """Everything the inner loop needs besides weights and data."""
+
+    steps: int
+    alpha: float  # teacher inner rate, Eq. 6
+    lam: float  # student inner rate, Eq. 7
+    adapt_teacher: bool  # False for a fixed teacher (Eq. 6 omitted)
+    first_order_teacher: bool = False
+    first_order_student: bool = False
+    kd_weight: float = 1.0
+    learn_to_teach: bool = False  # beyond the paper: let L_S(theta') reach psi through L_KD
+
+
+def adapt_teacher(teacher: nn.Module, psi: Params, x: Tensor, y: Tensor, s: InnerSettings) -> Params:
+    # Eq. 6: psi'_i = psi - alpha * grad_psi L_T(psi; D_tr)
+    return inner_loop(lambda p: cross_entropy(teacher, p, x, y), psi, s.steps, s.alpha,
+                      s.first_order_teacher)
+
+
+def adapt_student(student: nn.Module, theta: Params, x: Tensor, y: Tensor,
+                  teacher_support: Outputs | None, kd_loss: KDLoss, s: InnerSettings) -> Params:
+    # Eq. 7: theta'_i = theta - lam * grad_theta [L_S(theta; D_tr) + L_KD(psi'_i, theta; D_tr)]
+    def loss(p: Params) -> Tensor:
+        out = forward(student, p, x)
+        ce = F.cross_entropy(out.logits, y)
+        if teacher_support is None:
+            return ce
+        return ce + s.kd_weight * kd_loss(out, teacher_support)
+
+    return inner_loop(loss, theta, s.steps, s.lam, s.first_order_student)
+
+
+def run_task(teacher: nn.Module | None, student: nn.Module | None, kd_loss: KDLoss,
+             s: InnerSettings, psi: Params, theta: Params, support_x: Tensor, support_y: Tensor,
+             query_x: Tensor, query_y: Tensor) -> tuple[dict[str, Tensor], Params, Params]:
+    """Adapt teacher then student on the support set and score both on the query set (Eq. 8).
+
+    Returns query metrics (``teacher/loss``, ``teacher/acc``, ``student/loss``, ``student/acc``
+    for the models present) and the adapted weights (psi'_i, theta'_i).
+    """
+    metrics: dict[str, Tensor] = {}
+    psi_task, theta_task = psi, theta
+    teacher_support = None
+    if teacher is not None:
+        if s.adapt_teacher:
+            psi_task = adapt_teacher(teacher, psi, support_x, support_y, s)
+        logits = forward(teacher, psi_task, query_x).logits
+        metrics["teacher/loss"] = F.cross_entropy(logits, query_y)  # Eq. 8a
+        metrics["teacher/acc"] = accuracy(logits.detach(), query_y)
+        if student is not None and s.kd_weight > 0:
+            teacher_support = forward(teacher, psi_task, support_x)
+            if not s.learn_to_teach:  # Eq. 10a: psi is trained by the teacher's query loss alone
+                teacher_support = Outputs(*(t.detach() for t in teacher_support))
+    if student is not None:
+        theta_task = adapt_student(student, theta, support_x, support_y, teacher_support, kd_loss, s)
+        logits = forward(student, theta_task, query_x).logits
+        metrics["student/loss"] = F.cross_entropy(logits, query_y)  # Eq. 8b
+        metrics["student/acc"] = accuracy(logits.detach(), query_y)
+    return metrics, psi_task, theta_task

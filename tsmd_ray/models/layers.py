@@ -1,0 +1,41 @@
+"""Layers that stay correct under ``torch.func`` transforms."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TaskBatchNorm2d(nn.Module):
+    """Batch normalisation with per-task batch statistics and no running buffers.
+
+    Written from primitive ops because ``nn.BatchNorm2d`` gives wrong second-order
+    meta-gradients under ``torch.func.vmap`` (functorch issue 534). As in MAML, statistics
+    always come from the batch being normalised: the support set while adapting, the query
+    set while scoring. Nothing is shared across tasks.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
+        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
+        return x_hat * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def replace_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every ``nn.BatchNorm2d`` in ``module`` for a :class:`TaskBatchNorm2d` (affine kept)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            bn = TaskBatchNorm2d(child.num_features, child.eps)
+            if child.affine:
+                bn.weight.data.copy_(child.weight.data)
+                bn.bias.data.copy_(child.bias.data)
+            setattr(module, name, bn)
+        else:
+            replace_batchnorm(child)
+    return module
