@@ -1,0 +1,26 @@
+# tsmd-ray: `make train` and `make test` set everything up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Omniglot for the default run and the tests: $TSMD_DATA_ROOT if set, else the shared copy
+# beside this checkout when there is one (else `train` downloads it through torchvision).
+TSMD_DATA_ROOT ?= $(wildcard $(abspath ../shared/data/omniglot))
+TSMD_OMNIGLOT ?= $(TSMD_DATA_ROOT)
+export TSMD_DATA_ROOT TSMD_OMNIGLOT
+PYTEST_ARGS ?=
+
+.PHONY: setup train test bench clean
+setup:
+	@scripts/bootstrap.sh $(VENV)
+
+train: setup
+	$(PY) -m tsmd_ray.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/scaling.py
+
+clean:
+	rm -rf runs .pytest_cache

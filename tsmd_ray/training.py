@@ -1,0 +1,167 @@
+"""The meta-training loop (Algorithm 1), independent of where task gradients are computed.
+
+A *runner* computes outer-gradient sums for a list of task ids: :class:`LocalRunner` in this
+process, ``tsmd_ray.distributed.RayRunner`` on Ray actors. The loop owns the weights, applies
+the outer update, validates, checkpoints and reports metrics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .config import Config
+from .data import ArrowFewShotDataset
+from .engine import DataSpec, MetaLearner, TaskWorker, Weights
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Meta-training produced a NaN or infinite loss or gradient."""
+
+
+class Runner(Protocol):
+    def gradients(self, weights: Weights, task_ids: Sequence[int]) -> tuple[Weights, dict[str, float]]: ...
+    def evaluate(self, weights: Weights, split: str, task_ids: Sequence[int]) -> dict[str, list[float]]: ...
+    def close(self) -> None: ...
+
+
+class Reporter(Protocol):
+    def report(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class LocalRunner:
+    """Computes everything in this process with one :class:`TaskWorker`."""
+
+    def __init__(self, cfg: Config, dataset_path: str | Path) -> None:
+        self.worker = TaskWorker(cfg, ArrowFewShotDataset(dataset_path))
+
+    def gradients(self, weights: Weights, task_ids: Sequence[int]) -> tuple[Weights, dict[str, float]]:
+        return self.worker.gradients(weights, task_ids)
+
+    def evaluate(self, weights: Weights, split: str, task_ids: Sequence[int]) -> dict[str, list[float]]:
+        return self.worker.evaluate(weights, split, task_ids)
+
+    def close(self) -> None:
+        pass
+
+
+def task_ids(iteration: int, meta_batch: int) -> list[int]:
+    """Training tasks of an iteration: fixed by the iteration alone, whoever computes them."""
+    return list(range(iteration * meta_batch, (iteration + 1) * meta_batch))
+
+
+def summarise(values: Sequence[float]) -> dict[str, float]:
+    """Mean and 95% confidence half-width (1.96 standard errors) over episodes."""
+    t = torch.tensor(values, dtype=torch.float64)
+    std = float(t.std(unbiased=True)) if len(values) > 1 else 0.0
+    return {"mean": float(t.mean()), "ci95": 1.96 * std / math.sqrt(len(values)), "episodes": len(values)}
+
+
+def evaluate(runner: Runner, weights: Weights, split: str, episodes: int) -> dict[str, dict[str, float]]:
+    """Meta-test: adapt on each of ``episodes`` seeded episodes, score the query sets."""
+    per_episode = runner.evaluate(weights, split, list(range(episodes)))
+    return {name.replace("/acc", ""): summarise(values)
+            for name, values in per_episode.items() if name.endswith("/acc")}
+
+
+def _check_finite(iteration: int, grads: Weights, metrics: dict[str, float], last_good: int | None) -> None:
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    bad += [f"gradient of {key}.{name}" for key, g in grads.items() for name, t in g.items()
+            if not torch.isfinite(t).all()]
+    if bad:
+        kept = f"the last good checkpoint (iteration {last_good}) is kept" if last_good is not None \
+            else "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"non-finite {', '.join(bad[:3])} at iteration {iteration}; "
+                                 f"stopping, {kept}. Lower the learning rates (alpha, lam, beta, eta).")
+
+
+class Trainer:
+    """Algorithm 1 over a runner; writes ``checkpoint.pt``, ``metrics.jsonl`` and ``evaluation.json``."""
+
+    def __init__(self, cfg: Config, runner: Runner, spec: DataSpec, data_meta: dict[str, Any],
+                 reporters: Sequence[Reporter] = ()) -> None:
+        self.cfg, self.runner, self.data_meta = cfg, runner, data_meta
+        self.reporters = list(reporters)
+        self.out = Path(cfg.out)
+        self.learner = MetaLearner(cfg, spec)
+        self.spec = spec
+        self.start = 0
+        self.last_checkpoint: int | None = None
+        if cfg.resume and (self.out / CHECKPOINT_NAME).is_file():
+            self._restore(load_checkpoint(self.out / CHECKPOINT_NAME))
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.learner.load_state_dict(payload["learner"])
+        self.start = payload["iteration"] + 1
+        self.last_checkpoint = payload["iteration"]
+        log.info("resumed from %s at iteration %d", self.out / CHECKPOINT_NAME, self.start)
+
+    def checkpoint_payload(self, iteration: int) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "iteration": iteration, "learner": self.learner.state_dict(),
+                "data": {"in_channels": self.spec.in_channels, "image_size": self.spec.image_size,
+                         "preprocess": self.data_meta.get("preprocess", {}),
+                         "dataset": self.data_meta.get("name", self.cfg.dataset)}}
+
+    def save(self, iteration: int) -> Path:
+        path = save_checkpoint(self.out / CHECKPOINT_NAME, self.checkpoint_payload(iteration))
+        self.last_checkpoint = iteration
+        return path
+
+    def _report(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for reporter in self.reporters:
+            reporter.report(step, metrics)
+
+    def validate(self) -> dict[str, float]:
+        summary = evaluate(self.runner, self.learner.weights(), "val", self.cfg.val_episodes)
+        return {f"val/{model}_acc": s["mean"] for model, s in summary.items()}
+
+    def step(self, iteration: int) -> dict[str, float]:
+        """One meta-iteration: Eq. 6-8 for the batch of tasks, then Eq. 10."""
+        started = time.perf_counter()
+        grads, sums = self.runner.gradients(self.learner.weights(), task_ids(iteration, self.cfg.meta_batch))
+        _check_finite(iteration, grads, sums, self.last_checkpoint)
+        self.learner.outer_step(grads, self.cfg.meta_batch)
+        metrics = {f"train/{k}": v / self.cfg.meta_batch for k, v in sums.items()}
+        metrics["train/tasks_per_s"] = self.cfg.meta_batch / (time.perf_counter() - started)
+        return metrics
+
+    def fit(self) -> dict[str, Any]:
+        """Meta-train to ``cfg.iterations``, then meta-test; returns the evaluation."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg.to_yaml(self.out / "config.yaml")
+        bar = tqdm(range(self.start, self.cfg.iterations), desc=f"meta-train {self.cfg.method}",
+                   initial=self.start, total=self.cfg.iterations, dynamic_ncols=True)
+        for iteration in bar:
+            metrics = self.step(iteration)
+            if self.cfg.eval_every and (iteration + 1) % self.cfg.eval_every == 0:
+                metrics.update(self.validate())
+            self._report(iteration + 1, metrics)
+            bar.set_postfix({k.split("/", 1)[1]: round(v, 3) for k, v in metrics.items() if k.endswith("acc")})
+            if (iteration + 1) % self.cfg.checkpoint_every == 0 or iteration + 1 == self.cfg.iterations:
+                self.save(iteration)
+        return self.test()
+
+    def test(self) -> dict[str, Any]:
+        """The paper's protocol: mean accuracy and 95% CI over ``test_episodes`` episodes."""
+        summary = evaluate(self.runner, self.learner.weights(), "test", self.cfg.test_episodes)
+        result = {"method": self.cfg.method, "meta_algorithm": self.cfg.meta_algorithm,
+                  "dataset": self.cfg.dataset, "ways": self.cfg.ways, "shots": self.cfg.shots,
+                  "iterations": self.cfg.iterations, "results": summary}
+        atomic_write(self.out / "evaluation.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+        self._report(self.cfg.iterations, {f"test/{m}_acc": s["mean"] for m, s in summary.items()}
+                     | {f"test/{m}_ci95": s["ci95"] for m, s in summary.items()})
+        return result
