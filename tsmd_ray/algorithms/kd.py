@@ -25,16 +25,26 @@ def hinton_kl(student: Outputs, teacher: Outputs, temperature: float = 4.0) -> T
     return kl * temperature ** 2
 
 
-def _normalised_distances(e: Tensor) -> Tensor:
+def _pairwise(e: Tensor) -> tuple[Tensor, Tensor]:
+    """Differences ``e_j - e_i`` and their norms, with a zero diagonal that stays differentiable
+    to second order (a plain norm has a NaN second derivative at zero)."""
     diff = e.unsqueeze(0) - e.unsqueeze(1)
-    off_diagonal = 1.0 - torch.eye(e.shape[0], dtype=e.dtype, device=e.device)
-    dist = (diff.pow(2).sum(-1) + (1.0 - off_diagonal)).sqrt() * off_diagonal
-    return dist / (dist.sum() / off_diagonal.sum())
+    eye = torch.eye(e.shape[0], dtype=e.dtype, device=e.device)
+    norm = (diff.pow(2).sum(-1) + eye).sqrt() * (1.0 - eye)
+    return diff, norm
+
+
+def _normalised_distances(e: Tensor) -> Tensor:
+    _, dist = _pairwise(e)
+    n = e.shape[0]
+    return dist / (dist.sum() / (n * n - n))
 
 
 def _angles(e: Tensor) -> Tensor:
-    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
-    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+    diff, norm = _pairwise(e)
+    eye = torch.eye(e.shape[0], dtype=e.dtype, device=e.device)
+    unit = diff / (norm + eye).unsqueeze(-1)
+    return torch.bmm(unit, unit.transpose(1, 2)).flatten()
 
 
 def relational_kd(student: Outputs, teacher: Outputs, distance_weight: float = 25.0,
