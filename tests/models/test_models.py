@@ -1,0 +1,60 @@
+"""Backbones: shapes, embeddings, and batch norm written from primitive ops."""
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tsmd_ray.models import Conv4, ResNet12, TaskBatchNorm2d, build_model, replace_batchnorm
+
+
+def test_task_batchnorm_matches_torch_training_mode():
+    bn = TaskBatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    expected = F.batch_norm(x, None, None, bn.weight.double(), bn.bias.double(), training=True)
+    torch.testing.assert_close(bn.double()(x), expected)
+
+
+def test_replace_batchnorm_keeps_affine_weights_and_drops_running_buffers():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    with torch.no_grad():
+        model[1].weight.fill_(1.5)
+    replace_batchnorm(model)
+    assert isinstance(model[1], TaskBatchNorm2d)
+    assert float(model[1].weight[0]) == 1.5
+    assert not list(model.buffers())
+
+
+@pytest.mark.parametrize("name,channels,size", [("conv4", 1, 28), ("resnet12", 3, 32), ("resnet18", 1, 28)])
+def test_models_return_logits_and_embeddings(name, channels, size):
+    model = build_model(name, 5, channels, size)
+    logits, embedding = model(torch.randn(2, channels, size, size), with_embedding=True)
+    assert logits.shape == (2, 5)
+    assert embedding.shape == (2, model.embedding_dim)
+    assert not list(model.buffers()), "adaptable models keep no running statistics"
+
+
+def test_widths_are_configurable():
+    assert Conv4(5, 1, 28, widths=(8, 8, 8, 8)).embedding_dim == 8
+    assert ResNet12(5, 3, 32, widths=(4, 8)).embedding_dim == 8
+
+
+def test_bad_model_inputs_are_named():
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        build_model("nope", 5, 1, 28)
+    with pytest.raises(ValueError, match="at least 16 px"):
+        Conv4(5, 1, 8)
+
+
+def test_fixed_torchvision_teacher_loads_local_weights(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(num_classes=10)
+    torch.save(reference.state_dict(), tmp_path / "r18.pt")
+    teacher = build_model("resnet18", 5, 3, 32, weights=tmp_path / "r18.pt", adaptable=False).eval()
+    torch.testing.assert_close(teacher.body.conv1.weight, reference.conv1.weight)
+    assert isinstance(teacher.body.bn1, nn.BatchNorm2d), "a fixed teacher keeps its running statistics"
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_model("resnet18", 5, 3, 32, weights=tmp_path / "missing.pt")

@@ -1,0 +1,55 @@
+"""The one Config: YAML, command line, validation."""
+import argparse
+
+import pytest
+
+from tsmd_ray.config import Config, add_config_arguments, config_from_args
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    Config(ways=3, alpha=0.5, method="student").to_yaml(path)
+    cfg = _parse(["--config", str(path), "--alpha", "0.25", "--first-order-teacher"])
+    assert (cfg.ways, cfg.alpha, cfg.method, cfg.first_order_teacher) == (3, 0.25, "student", True)
+    assert cfg.shots == Config().shots
+
+
+def test_yaml_round_trip_and_dashed_keys(tmp_path):
+    cfg = Config(student_widths=[8, 8, 8, 8], kd_loss="rkd")
+    cfg.to_yaml(tmp_path / "a.yaml")
+    assert Config.from_yaml(tmp_path / "a.yaml") == Config.from_dict(cfg.to_dict())
+    (tmp_path / "b.yaml").write_text("inner-steps: 3\n")
+    assert Config.from_yaml(tmp_path / "b.yaml").inner_steps == 3
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"alpha": -1.0}, "alpha must be a positive"),
+    ({"eta": float("nan")}, "eta must be a positive"),
+    ({"ways": 1}, "ways must be at least 2"),
+    ({"meta_batch": 0}, "meta_batch must be a positive"),
+    ({"method": "maml"}, "method='maml' is not one of"),
+    ({"kd_weight": -0.5}, "kd_weight must be zero or"),
+])
+def test_invalid_settings_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**changes)
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    (tmp_path / "c.yaml").write_text("alpah: 0.1\n")
+    with pytest.raises(ValueError, match="alpah"):
+        Config.from_yaml(tmp_path / "c.yaml")
+
+
+def test_method_properties():
+    assert Config(method="fixed-teacher").resolved_kd_loss == "rkd"
+    assert Config(method="tsmd").resolved_kd_loss == "kl"
+    assert not Config(method="fixed-teacher").adapts_teacher
+    assert not Config(method="student").has_teacher
+    assert not Config(method="oracle").has_student

@@ -1,0 +1,43 @@
+"""Data layer: Arrow storage, dataset preparation, episode sampling, transforms (no training code)."""
+
+from .arrow import FORMAT_VERSION, ArrowFewShotDataset, read_meta, write_dataset
+from .episodes import Episode, EpisodeSampler
+from .errors import (
+    ChannelMismatchError,
+    DataError,
+    DataRootError,
+    DatasetFormatError,
+    EpisodeConfigError,
+    ImageReadError,
+    NotEnoughClassesError,
+    NotEnoughImagesError,
+    SplitError,
+)
+from .omniglot import prepare_omniglot
+from .registry import PREPARERS, Preparer, resolve_dataset
+from .transforms import augment, load_image, normalise
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PREPARERS",
+    "ArrowFewShotDataset",
+    "ChannelMismatchError",
+    "DataError",
+    "DataRootError",
+    "DatasetFormatError",
+    "Episode",
+    "EpisodeConfigError",
+    "EpisodeSampler",
+    "ImageReadError",
+    "NotEnoughClassesError",
+    "NotEnoughImagesError",
+    "Preparer",
+    "SplitError",
+    "augment",
+    "load_image",
+    "normalise",
+    "prepare_omniglot",
+    "read_meta",
+    "resolve_dataset",
+    "write_dataset",
+]

@@ -1,0 +1,113 @@
+"""Reproducible N-way K-shot episode sampling from an ``ArrowFewShotDataset``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .arrow import SPLITS, ArrowFewShotDataset
+from .errors import EpisodeConfigError, NotEnoughClassesError, NotEnoughImagesError
+from .transforms import augment as augment_batch
+from .transforms import normalise
+
+SPLIT_CODES = {split: code for code, split in enumerate(SPLITS)}  # train 0, val 1, test 2
+
+
+class Episode(NamedTuple):
+    """One task (or a stack of tasks with a leading T dimension).
+
+    ``*_x``: float32 ``(N*K, C, H, W)``, normalised; ``*_y``: int64 in ``0..ways-1``.
+    Support and query are both class-major: rows ``i*K .. i*K+K-1`` belong to class ``i``.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Episode:
+        """Move every tensor to ``device``."""
+        return Episode(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+
+class EpisodeSampler:
+    """Samples ``ways``-way episodes with ``shots`` support and ``query`` query images per class.
+
+    Episode ``task_id`` depends only on ``(seed, split, task_id)``: classes and images are drawn
+    from ``numpy.random.default_rng([seed, split_code, task_id])`` and augmentation (train-time
+    crop/flip/jitter, ``augment=True``) from a ``torch.Generator`` seeded by that same stream.
+    Pickles cheaply (the dataset pickles as its path).
+    """
+
+    def __init__(
+        self,
+        dataset: ArrowFewShotDataset,
+        split: str,
+        ways: int,
+        shots: int,
+        query: int,
+        seed: int,
+        augment: bool = False,
+    ) -> None:
+        _check_positive(ways=ways, shots=shots, query=query)
+        self.dataset, self.split, self.seed, self.augment = dataset, split, seed, augment
+        self.ways, self.shots, self.query = ways, shots, query
+        self._labels = dataset.split_labels(split)
+        self._ranges = dataset.class_ranges[self._labels]
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        if self.ways > len(self._labels):
+            raise NotEnoughClassesError(
+                f"ways={self.ways} but split {self.split!r} of {self.dataset.path} has only "
+                f"{len(self._labels)} classes"
+            )
+        counts = self._ranges[:, 1] - self._ranges[:, 0]
+        needed = self.shots + self.query
+        if counts.min() < needed:
+            worst = int(np.argmin(counts))
+            name = self.dataset.class_names[self._labels[worst]]
+            raise NotEnoughImagesError(
+                f"shots+query={needed} but class {name!r} in split {self.split!r} has only "
+                f"{counts[worst]} images"
+            )
+
+    def _rows(self, rng: np.random.Generator) -> np.ndarray:
+        """Row indices, ``(ways, shots + query)``, class-major."""
+        picked = self._ranges[rng.choice(len(self._ranges), self.ways, replace=False)]
+        per_class = self.shots + self.query
+        rows = [start + rng.choice(stop - start, per_class, replace=False) for start, stop in picked]
+        return np.stack(rows)
+
+    def sample(self, task_id: int) -> Episode:
+        """The episode of ``task_id`` (same arguments -> identical tensors)."""
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], task_id])
+        rows = self._rows(rng)
+        x = torch.from_numpy(self.dataset.images[rows.ravel()]).permute(0, 3, 1, 2).contiguous()
+        if self.augment:
+            generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+            x = augment_batch(x.float() / 255.0, generator)
+        x = normalise(x, self.dataset.preprocess).unflatten(0, rows.shape)
+        labels = torch.arange(self.ways).view(-1, 1)
+        return Episode(
+            support_x=x[:, : self.shots].flatten(0, 1),
+            support_y=labels.expand(-1, self.shots).flatten(),
+            query_x=x[:, self.shots :].flatten(0, 1),
+            query_y=labels.expand(-1, self.query).flatten(),
+        )
+
+    def sample_batch(self, task_ids: Sequence[int]) -> Episode:
+        """Episodes of ``task_ids`` stacked on a leading task dimension ``(T, N*K, C, H, W)``."""
+        episodes = [self.sample(task_id) for task_id in task_ids]
+        if not episodes:
+            raise EpisodeConfigError("sample_batch needs at least one task id")
+        return Episode(*(torch.stack(field) for field in zip(*episodes, strict=True)))
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise EpisodeConfigError(f"{name} must be a positive integer, got {value!r}")
