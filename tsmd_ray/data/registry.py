@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import omniglot
+from . import omniglot, paper_datasets
 from .arrow import META_FILE, read_meta
 from .errors import DataRootError
 
@@ -34,6 +34,16 @@ PREPARERS: dict[str, Preparer] = {
         default_image_size=omniglot.DEFAULT_IMAGE_SIZE,
         download=omniglot.download_omniglot,
     ),
+    # The paper's other benchmarks (section 5.1), read from local releases only: paper_datasets.py.
+    **{
+        name: Preparer(
+            prepare=spec.prepare,
+            is_raw=spec.is_raw,
+            layout=spec.layout,
+            default_image_size=spec.default_image_size,
+        )
+        for name, spec in paper_datasets.DATASETS.items()
+    },
 }
 
 log = logging.getLogger(__name__)
