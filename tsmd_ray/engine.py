@@ -133,8 +133,7 @@ class TaskWorker:
         """Outer-gradient sums ``{"psi": .., "theta": ..}`` (CPU float32) and metric sums."""
         self.load_weights(weights)
         grads_psi, grads_theta, metrics = self.objective.gradient_sums(*self._params(), self._tasks("train", task_ids))
-        to_cpu = lambda g: {k: v.detach().to("cpu", torch.float32) for k, v in g.items()}  # noqa: E731
-        return {"psi": to_cpu(grads_psi), "theta": to_cpu(grads_theta)}, metrics
+        return {"psi": _to_cpu(grads_psi), "theta": _to_cpu(grads_theta)}, metrics
 
     def evaluate(self, weights: Weights, split: str, task_ids: Sequence[int]) -> dict[str, list[float]]:
         """Per-episode query accuracy and loss after adaptation (``eval_inner_steps`` steps)."""
@@ -146,6 +145,10 @@ class TaskWorker:
             for name, values in self.objective.evaluate(*self._params(), tasks, self.cfg.test_inner_steps).items():
                 results.setdefault(name, []).extend(values.cpu().tolist())
         return results
+
+
+def _to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: t.detach().to("cpu", torch.float32) for name, t in tensors.items()}
 
 
 class MetaLearner:
@@ -165,8 +168,7 @@ class MetaLearner:
 
     def weights(self) -> Weights:
         """Current psi and theta as CPU float32 tensors (what workers receive)."""
-        return {key: {n: p.detach().to("cpu", torch.float32) for n, p in m.named_parameters()}
-                for key, m in self.modules().items()}
+        return {key: _to_cpu(dict(m.named_parameters())) for key, m in self.modules().items()}
 
     def outer_step(self, grad_sums: Weights, n_tasks: int) -> None:
         # Eq. 10: psi <- psi - beta * grad L_T(psi'), theta <- theta - eta * grad L_S(theta'),

@@ -7,7 +7,7 @@ Both return *sums* over tasks so that partial results from several workers add u
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -96,8 +96,7 @@ class MetaObjective:
 
     def evaluate(self, psi: Params, theta: Params, tasks: TaskBatch, steps: int) -> dict[str, Tensor]:
         """Per-task query metrics after first-order adaptation with ``steps`` inner steps."""
-        settings = InnerSettings(**{**self.settings.__dict__, "steps": steps,
-                                    "first_order_teacher": True, "first_order_student": True})
+        settings = replace(self.settings, steps=steps, first_order_teacher=True, first_order_student=True)
         psi, theta = detached(psi), detached(theta)
         per_chunk = [metrics for metrics, _, _ in self._task_results(psi, theta, tasks, settings)]
         return {name: torch.cat([m[name].detach() for m in per_chunk]) for name in per_chunk[0]}

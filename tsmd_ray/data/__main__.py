@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         default=None,
-        help="output height and width in pixels (default: the dataset's own, 28 for omniglot)",
+        help="output height and width in pixels (default: the dataset's own: 28 for omniglot, 32 for cifar_fs and fc100, 84 otherwise)",
     )
     return parser
 

@@ -34,9 +34,9 @@ class TorchvisionClassifier(nn.Module):
                  adaptable: bool = True) -> None:
         super().__init__()
         body = torchvision.models.get_model(arch, weights=None)
-        if weights is not None:
-            body.load_state_dict(load_state_dict(weights))
         self.embedding_dim = _strip_classifier(body)
+        if weights is not None:
+            _load_body(body, weights)
         self.body = replace_batchnorm(body) if adaptable else body
         self.repeat_channels = 3 // in_channels if in_channels in (1, 3) else 1
         if in_channels not in (1, 3):
@@ -49,6 +49,16 @@ class TorchvisionClassifier(nn.Module):
         embedding = self.body(x).flatten(1)
         logits = self.head(embedding)
         return (logits, embedding) if with_embedding else logits
+
+
+def _load_body(body: nn.Module, path: str | Path) -> None:
+    """Load a classifier's weights into ``body``; its own classifier (any size) is ignored."""
+    state = load_state_dict(path)
+    own = body.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"weights file {path} lacks {len(missing)} tensors of the body, e.g. {missing[0]!r}")
+    body.load_state_dict({k: state[k] for k in own})
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
