@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import tracking
 from .config import Config, add_config_arguments, config_from_args
 from .data import ArrowFewShotDataset, resolve_dataset
 from .engine import DataSpec
@@ -28,16 +29,21 @@ def make_runner(cfg: Config, dataset_path: str) -> Runner:
     return RayRunner(cfg, dataset_path)
 
 
-def run(cfg: Config, reporters: Sequence[Reporter] = ()) -> dict[str, Any]:
-    """Resolve the data, meta-train, meta-test; returns the evaluation."""
+def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None) -> dict[str, Any]:
+    """Resolve the data, meta-train, meta-test; returns the evaluation.
+
+    With ``cfg.mlflow`` the run is tracked in MLflow (``tsmd_ray.tracking``); ``tracker`` replaces
+    the default tracker (Tune trials pass one nested under their sweep's run).
+    """
     dataset_path = str(resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir))
     dataset = ArrowFewShotDataset(dataset_path)
-    runner = make_runner(cfg, dataset_path)
-    try:
-        trainer = Trainer(cfg, runner, DataSpec.of(dataset), dataset.meta, reporters)
-        return trainer.fit()
-    finally:
-        runner.close()
+    with tracker if tracker is not None else tracking.tracker(cfg) as tracker:
+        runner = make_runner(cfg, dataset_path)
+        try:
+            trainer = Trainer(cfg, runner, DataSpec.of(dataset), dataset.meta, [*reporters, tracker])
+            return trainer.fit()
+        finally:
+            runner.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
