@@ -93,7 +93,7 @@ class Config:
     resume: bool = _opt(False, "resume from the latest checkpoint in --out")
     # distributed
     backend: str = _opt("ray", "ray | local (single process, no Ray)", choices=("ray", "local"))
-    workers: int = _opt(0, "Ray worker actors (0: one per GPU, else CPUs // 2)")
+    workers: int = _opt(0, "Ray worker actors (0: one per GPU (per --gpus-per-worker GPUs), else one per --threads-per-worker CPUs; at most --meta-batch)")
     gpus_per_worker: float = _opt(0.0, "GPUs per worker actor (fractions allowed; 0 on CPU clusters)")
     threads_per_worker: int = _opt(1, "torch threads per worker actor")
     # tracking

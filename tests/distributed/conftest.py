@@ -1,0 +1,80 @@
+"""Shared pieces of the Ray tests: a tiny TSMD configuration, training helpers, Ray lifetimes."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tsmd_ray.checkpoint import load_checkpoint
+from tsmd_ray.config import Config, config_from_args
+from tsmd_ray.data import ArrowFewShotDataset
+from tsmd_ray.engine import DataSpec
+from tsmd_ray.train import build_parser
+from tsmd_ray.training import CHECKPOINT_NAME, Runner, Trainer
+
+# TSMD with an adapted Conv-4 teacher and a Conv-4 student, both 8 channels wide: psi and theta
+# are both meta-trained, second order, with train-time augmentation, in well under a second per
+# iteration. The same flags drive in-process runs and `python -m tsmd_ray.train` subprocesses.
+TINY_FLAGS = [
+    "--method", "tsmd", "--teacher", "conv4", "--teacher-widths", "8", "8", "8", "8",
+    "--student-widths", "8", "8", "8", "8", "--inner-steps", "2", "--meta-batch", "4",
+    "--iterations", "8", "--eval-every", "4", "--val-episodes", "4", "--test-episodes", "8",
+    "--checkpoint-every", "2", "--mlflow", "false", "--device", "cpu", "--threads-per-worker", "1",
+]
+
+
+def tiny_flags(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY_FLAGS, "--data-root", str(dataset), "--out", str(out), *extra]
+
+
+def tiny_config(dataset: Path, out: Path, *extra: str) -> Config:
+    return config_from_args(build_parser().parse_args(tiny_flags(dataset, out, *extra)))
+
+
+def fit(cfg: Config, runner: Runner, dataset: Path) -> dict[str, Any]:
+    """Meta-train and meta-test with ``runner`` (left open); returns the evaluation."""
+    data = ArrowFewShotDataset(dataset)
+    return Trainer(cfg, runner, DataSpec.of(data), data.meta).fit()
+
+
+def final_state(out: Path) -> dict[str, Any]:
+    """The learner state of the final checkpoint in ``out``: psi, theta and both Adam states."""
+    return load_checkpoint(Path(out) / CHECKPOINT_NAME)["learner"]
+
+
+def flat_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a nested state dict (parameters and optimizer moments), by dotted path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        out.update(flat_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def assert_identical(a: dict[str, Any], b: dict[str, Any], what: str = "") -> int:
+    """Every tensor of ``a`` and ``b`` bit-identical; returns how many were compared."""
+    ta, tb = flat_tensors(a), flat_tensors(b)
+    assert ta.keys() == tb.keys()
+    differing = {k: float((ta[k].double() - tb[k].double()).abs().max()) for k in ta if not torch.equal(ta[k], tb[k])}
+    assert not differing, f"{what}: {len(differing)} of {len(ta)} tensors differ, e.g. {sorted(differing.items())[:5]}"
+    return len(ta)
+
+
+@contextmanager
+def restored_env(names: Sequence[str] = ("RAY_AUTH_MODE", "RAY_ADDRESS")) -> Iterator[None]:
+    """``ray.init`` sets RAY_AUTH_MODE in os.environ; put it back for the modules that follow."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
