@@ -1,0 +1,123 @@
+"""The results grid: cells as Ray tasks, the Table 1 markdown and chart, resuming finished cells."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tsmd_ray.reproduce import expand, finished, load_grid, main, markdown_table, reproduce, write_configs
+
+TINY_BASE = dict(dataset="omniglot", teacher="conv4", teacher_widths=[8, 8, 8, 8], student_widths=[4, 4, 4, 4],
+                 iterations=2, meta_batch=2, inner_steps=1, query=2, eval_every=0, test_episodes=6, mlflow=False,
+                 checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_grid(path, dataset, backend="local", methods=("student", "tsmd"), **base):
+    grid = {"name": "tiny", "description": "tiny grid", "base": {**TINY_BASE, "data_root": str(dataset),
+                                                                 "backend": backend, **base},
+            "methods": list(methods), "settings": [{"label": "5-way 1-shot", "ways": 5, "shots": 1}],
+            "method_overrides": {"fixed-teacher": {"kd_loss": "rkd"}}}
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_grid_expands_settings_by_methods(tmp_path):
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text(yaml.safe_dump({"base": {"iterations": 3}, "settings": [
+        {"ways": 5, "shots": 1}, {"label": "20w5s", "ways": 20, "shots": 5}],
+        "method_overrides": {"fixed-teacher": {"kd_loss": "rkd"}}}))
+    grid = load_grid(grid_path)
+    cells = expand(grid, tmp_path / "out")
+    assert [(c.setting, c.method) for c in cells][:5] == [
+        ("5-way 1-shot", "student"), ("5-way 1-shot", "fixed-teacher"), ("5-way 1-shot", "tsmd"),
+        ("5-way 1-shot", "oracle"), ("20w5s", "student")]
+    by = {(c.setting, c.method): c.cfg for c in cells}
+    assert by[("20w5s", "oracle")].ways == 20 and by[("20w5s", "oracle")].shots == 5
+    assert by[("5-way 1-shot", "fixed-teacher")].resolved_kd_loss == "rkd"
+    assert by[("5-way 1-shot", "tsmd")].resolved_kd_loss == "kl"
+    assert len({c.cfg.out for c in cells}) == 8
+    assert len(write_configs(grid_path, tmp_path / "cfgs")) == 8
+
+
+def test_bad_grids_are_refused(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"settings": [{"ways": 5}], "methods": ["student", "nope"]}))
+    with pytest.raises(ValueError, match="nope"):
+        load_grid(path)
+    path.write_text(yaml.safe_dump({"settings": [{"ways": 5}], "base": {"itrations": 3}}))
+    with pytest.raises(ValueError, match="itrations"):
+        expand(load_grid(path), tmp_path)
+    assert main(["--grid", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_markdown_layout():
+    entry = lambda m, c: {"mean": m, "ci95": c, "episodes": 800, "all": {}}  # noqa: E731
+    data = {"settings": ["5-way 1-shot", "5-way 5-shot"], "methods": ["student", "fixed-teacher", "tsmd", "oracle"],
+            "table": {"student": {"5-way 1-shot": entry(0.5, 0.01)}, "fixed-teacher": {},
+                      "tsmd": {"5-way 1-shot": entry(0.6, 0.012), "5-way 5-shot": entry(0.7, 0.01)},
+                      "oracle": {"5-way 1-shot": entry(0.9, 0.005)}}}
+    text = markdown_table(data, "t")
+    lines = text.splitlines()
+    assert lines[2] == "| Method | 5-way 1-shot | 5-way 5-shot |"
+    assert lines[4] == "| Student | 50.00 ± 1.00 | — |"
+    assert lines[5] == "| Fixed teacher | — | — |"
+    assert lines[6] == "| Ours | **60.00 ± 1.20** | **70.00 ± 1.00** |"
+    assert lines[7] == "| Oracle | 90.00 ± 0.50 | — |"
+    assert "800 test episodes" in text
+
+
+def test_grid_runs_as_ray_tasks_writes_the_table_and_resumes(ray_cluster, omniglot_dataset, tmp_path):
+    grid = write_grid(tmp_path / "tiny.yaml", omniglot_dataset, backend="ray")
+    out = tmp_path / "out"
+    data = reproduce(grid, out)
+    assert sorted(data["trained"]) == ["5-way 1-shot/student", "5-way 1-shot/tsmd"]
+    text = (out / "results.md").read_text()
+    assert "| Student |" in text and "| Ours |" in text and "6 test episodes" in text
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert table["tsmd"]["5-way 1-shot"]["episodes"] == 6
+    for method in ("student", "tsmd"):
+        assert (out / "5-way-1-shot" / method / "evaluation.json").is_file()
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/*/evaluation.json")}
+    again = reproduce(grid, out, resume=True)
+    assert again["trained"] == [] and again["skipped"] == 2
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*/evaluation.json")} == mtimes
+    assert (out / "results.md").read_text() == text
+
+
+def test_resume_retrains_only_unfinished_or_changed_cells(omniglot_dataset, tmp_path, capsys):
+    grid = write_grid(tmp_path / "tiny.yaml", omniglot_dataset, methods=("student", "fixed-teacher"))
+    out = tmp_path / "out"
+    assert main(["--grid", str(grid), "--out", str(out)]) == 0
+    assert "| Fixed teacher |" in capsys.readouterr().out
+    (out / "5-way-1-shot" / "student" / "evaluation.json").unlink()  # as if killed before meta-testing
+    data = reproduce(grid, out, resume=True)
+    assert data["trained"] == ["5-way 1-shot/student"]
+    # a changed setting invalidates finished cells
+    write_grid(grid, omniglot_dataset, methods=("student", "fixed-teacher"), inner_steps=2)
+    cells = expand(load_grid(grid), out, resume=True)
+    assert not any(finished(c) for c in cells)
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(omniglot_dataset, tmp_path):
+    grid = write_grid(tmp_path / "tiny.yaml", omniglot_dataset, methods=("student", "tsmd"))
+    spec = yaml.safe_load(grid.read_text())
+    spec["method_overrides"]["tsmd"] = {"teacher_init": str(tmp_path / "missing.pt")}
+    grid.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    data = reproduce(grid, out)
+    assert "failed" in data["table"]["tsmd"]["5-way 1-shot"]
+    assert data["table"]["student"]["5-way 1-shot"]["episodes"] == 6
+    text = (out / "results.md").read_text()
+    assert "| Ours | failed† |" in text and "missing.pt" in text
+    assert (out / "results.png").is_file()
