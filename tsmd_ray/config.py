@@ -101,6 +101,9 @@ class Config:
     experiment: str = _opt("tsmd-ray", "MLflow experiment name")
 
     def __post_init__(self) -> None:
+        self.student_widths = list(self.student_widths)
+        if self.teacher_widths is not None:
+            self.teacher_widths = list(self.teacher_widths)
         self.validate()
 
     # ------------------------------------------------------------------ derived values

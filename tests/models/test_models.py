@@ -23,7 +23,7 @@ def test_replace_batchnorm_keeps_affine_weights_and_drops_running_buffers():
         model[1].weight.fill_(1.5)
     replace_batchnorm(model)
     assert isinstance(model[1], TaskBatchNorm2d)
-    assert float(model[1].weight[0]) == 1.5
+    assert float(model[1].weight[0].detach()) == 1.5
     assert not list(model.buffers())
 
 
