@@ -132,7 +132,9 @@ def sweep(ray_cluster, mlflow_server, omniglot_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    space = write_space(root / "tiny.yaml")
+    # FIFO: every trial runs to its meta-test, so what resume must keep is known in advance
+    # (ASHA's construction is checked in test_searchers_schedulers_and_resources).
+    space = write_space(root / "tiny.yaml", scheduler={"type": "fifo"})
     args = ["--space", str(space), "--storage", str(root / "tune"), "--set", f"data_root={omniglot_dataset}"]
     try:
         assert tsmd_tune.main([*args, "--stop-after-trials", "1"]) == 0

@@ -40,7 +40,8 @@ def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None) ->
     with tracker if tracker is not None else tracking.tracker(cfg) as tracker:
         runner = make_runner(cfg, dataset_path)
         try:
-            trainer = Trainer(cfg, runner, DataSpec.of(dataset), dataset.meta, [*reporters, tracker])
+            # MLflow first: a Tune reporter may end the trial inside report() (ASHA), losing later reporters
+            trainer = Trainer(cfg, runner, DataSpec.of(dataset), dataset.meta, [tracker, *reporters])
             return trainer.fit()
         finally:
             runner.close()
