@@ -121,10 +121,15 @@ def plot_learning_curves(metrics: str | Path | Sequence[Mapping[str, Any]], out:
     axes[2].grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, out)
+
+
+def save_figure(fig: Any, out: str | Path, dpi: int = 100) -> Path:
+    """Lay out ``fig``, write it as a PNG to ``out`` (folders created) and close it."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
@@ -201,9 +206,4 @@ def plot_evaluations(evaluations: Sequence[str | Path | Mapping[str, Any]], out:
     episodes = sorted({int(r.get("episodes", 0)) for e in loaded for r in e.get("results", {}).values()})
     subtitle = f"{'/'.join(map(str, episodes))} test episodes" if episodes else ""
     ax.set_title(title or subtitle)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -264,10 +264,7 @@ def markdown_table(data: dict[str, Any], title: str | None = None) -> str:
 
 def plot_table(data: dict[str, Any], out: str | Path, title: str | None = None) -> Path:
     """Grouped bars: one group per setting, one bar per method, 95% CI as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import plt, save_figure
 
     settings, methods, table = data["settings"], data["methods"], _scored(data["table"])
     colours = {"student": "#1f77b4", "fixed-teacher": "#2ca02c", "tsmd": "#d62728", "oracle": "#7f7f7f"}
@@ -292,12 +289,7 @@ def plot_table(data: dict[str, Any], out: str | Path, title: str | None = None) 
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(methods), fontsize=8, frameon=False)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)
 
 
 def log_to_mlflow(grid: dict[str, Any], data: dict[str, Any], out: Path) -> str | None:
