@@ -48,6 +48,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tsmd_ray.algorithms import InnerSettings, MetaObjective, TaskBatch, make_kd_loss, parameters_of  # noqa: E402
+from tsmd_ray.models import use_fused_batchnorm  # noqa: E402
 from tsmd_ray.models import TaskBatchNorm2d, build_model  # noqa: E402
 
 try:
@@ -131,6 +132,9 @@ class EnginePath:
     def __init__(self, spec: Spec, teacher, student, vmap: bool) -> None:
         self.teacher = copy.deepcopy(teacher)
         self.student = copy.deepcopy(student)
+        for model in (self.teacher, self.student):  # as build_objective: fused batch norm per task
+            if model is not None:
+                use_fused_batchnorm(model, not vmap)
         # as tsmd_ray.engine.build_objective with task_batching=auto, vmap_chunk=0
         settings = InnerSettings(steps=spec.steps, alpha=spec.alpha, lam=spec.lam,
                                  adapt_teacher=spec.method == "tsmd",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .algorithms import InnerSettings, MetaObjective, TaskBatch, make_kd_loss, parameters_of
 from .config import Config
 from .data import ArrowFewShotDataset, EpisodeSampler
-from .models import build_model, load_state_dict
+from .models import build_model, load_state_dict, use_fused_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ def build_objective(cfg: Config, teacher: nn.Module | None, student: nn.Module |
                            distance_weight=cfg.rkd_distance_weight, angle_weight=cfg.rkd_angle_weight)
     use_vmap = cfg.task_batching == "vmap" or (cfg.task_batching == "auto" and device.type == "cuda")
     chunk = (cfg.vmap_chunk or cfg.meta_batch) if use_vmap else 0
+    for model in (teacher, student):
+        if model is not None:  # the fused kernel is exact per task and wrong under vmap
+            use_fused_batchnorm(model, not use_vmap)
     return MetaObjective(teacher, student, kd_loss, settings, cfg.meta_algorithm, chunk)
 
 

@@ -148,3 +148,19 @@ def test_reptile_gradient_is_the_mean_displacement():
             expected[k] += psi[k].detach() - adapted[k].detach()
     for k in expected:
         torch.testing.assert_close(grads[k], expected[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("teacher_kind", ["conv4", "resnet12"])
+def test_fused_batch_norm_gives_the_same_meta_gradients_per_task(teacher_kind):
+    from tsmd_ray.models import use_fused_batchnorm
+
+    teacher, student = tiny_pair(teacher_kind=teacher_kind)
+    tasks = random_tasks(2)
+    psi, theta = params(teacher, student)
+    primitive = objective(teacher, student).gradient_sums(psi, theta, tasks)
+    use_fused_batchnorm(teacher, True)
+    use_fused_batchnorm(student, True)
+    fused = objective(teacher, student).gradient_sums(psi, theta, tasks)
+    for ours, theirs in zip(primitive[:2], fused[:2]):
+        for name in ours:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-12)
