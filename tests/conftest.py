@@ -26,3 +26,14 @@ def omniglot_dataset(omniglot_source: Path, tmp_path_factory: pytest.TempPathFac
     from tsmd_ray.data import prepare_omniglot
 
     return prepare_omniglot(omniglot_source, tmp_path_factory.mktemp("prepared") / "omniglot")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance (2 CPUs) for one test module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -20,14 +20,6 @@ TINY_TEACHER = ["--teacher", "conv4", "--teacher-widths", "8", "8", "8", "8"]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pretrained(ray_cluster, omniglot_dataset, tmp_path_factory):
     """Two epochs of two Ray Train workers; worker 1 raises once in the middle of epoch 1."""
     tmp = tmp_path_factory.mktemp("pretrain")

@@ -13,14 +13,6 @@ TINY_BASE = dict(dataset="omniglot", teacher="conv4", teacher_widths=[8, 8, 8, 8
                  checkpoint_every=1)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 def write_grid(path, dataset, backend="local", methods=("student", "tsmd"), **base):
     grid = {"name": "tiny", "description": "tiny grid", "base": {**TINY_BASE, "data_root": str(dataset),
                                                                  "backend": backend, **base},

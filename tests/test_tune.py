@@ -99,15 +99,6 @@ def test_searchers_schedulers_and_resources(tmp_path):
 
 # ---------------------------------------------------------------------- a real sweep
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
     yield uri

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -78,3 +80,27 @@ def restored_env(names: Sequence[str] = ("RAY_AUTH_MODE", "RAY_ADDRESS")) -> Ite
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def fault_during(runner: Any, iteration: int, meta_batch: int, fault: Callable[[list], None]) -> None:
+    """Run ``fault(inflight_calls)`` on a thread as soon as ``iteration``'s actor calls are submitted."""
+    real_gradients = runner.gradients
+
+    def gradients(weights, task_ids):
+        if task_ids[0] != iteration * meta_batch:
+            return real_gradients(weights, task_ids)
+        before = runner.inflight
+
+        def wait_then_fault() -> None:
+            while runner.inflight is before:
+                time.sleep(0.001)
+            fault(runner.inflight)
+
+        thread = threading.Thread(target=wait_then_fault)
+        thread.start()
+        try:
+            return real_gradients(weights, task_ids)
+        finally:
+            thread.join()
+
+    runner.gradients = gradients

@@ -8,8 +8,6 @@ unfaulted run ends.
 """
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from tsmd_ray.distributed import RayRunner  # noqa: E402
 
-from .conftest import assert_identical, final_state, fit, restored_env, tiny_config  # noqa: E402
+from .conftest import assert_identical, fault_during, final_state, fit, restored_env, tiny_config  # noqa: E402
 
 
 @ray.remote(num_cpus=1)
@@ -67,29 +65,16 @@ def test_worker_node_removed_mid_run(cluster, omniglot_dataset: Path, tmp_path: 
     cfg = tiny_config(omniglot_dataset, tmp_path / "faulted", "--workers", "1")
     runner = RayRunner(cfg, omniglot_dataset)
     assert runner.infos[0]["node_id"] == extra.node_id
-    real_gradients = runner.gradients
     removed_while_busy: list[bool] = []
 
-    def remove_node(before: dict) -> None:
-        """Once iteration 3's call is in flight, free the head and remove the worker's node."""
-        while runner.inflight is before:
-            time.sleep(0.001)
-        ready, _ = ray.wait([runner.inflight[0]], timeout=0)
+    def remove_node(inflight: list) -> None:
+        """Iteration 3's call is in flight: free the head and remove the worker's node."""
+        ready, _ = ray.wait([inflight[0]], timeout=0)
         ray.kill(placeholder)
         cluster.remove_node(extra)
         removed_while_busy.append(not ready)
 
-    def gradients(weights, task_ids):
-        if task_ids[0] != 3 * cfg.meta_batch:
-            return real_gradients(weights, task_ids)
-        thread = threading.Thread(target=remove_node, args=(runner.inflight,))
-        thread.start()
-        try:
-            return real_gradients(weights, task_ids)
-        finally:
-            thread.join()
-
-    runner.gradients = gradients
+    fault_during(runner, 3, cfg.meta_batch, remove_node)
     try:
         result = fit(cfg, runner, omniglot_dataset)
         infos = runner.actor_info()

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from tsmd_ray.config import Config  # noqa: E402
 from tsmd_ray.distributed import RayRunner, plan_workers, split_blocks  # noqa: E402
 from tsmd_ray.training import CHECKPOINT_NAME  # noqa: E402
 
-from .conftest import assert_identical, final_state, fit, restored_env, tiny_config, tiny_flags  # noqa: E402
+from .conftest import (assert_identical, fault_during, final_state, fit, restored_env, tiny_config,  # noqa: E402
+                       tiny_flags)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,27 +110,14 @@ def test_actor_killed_mid_iteration_is_restarted(no_restart: bool, reference: di
     runner = RayRunner(cfg, omniglot_dataset)
     victim, pid_before = runner.actors[1], runner.infos[1]["pid"]
     killed_while_busy: list[bool] = []
-    real_gradients = runner.gradients
 
-    def killer(before: dict) -> None:
-        """Once iteration 3's calls are submitted, kill actor 1 while its call is unfinished."""
-        while runner.inflight is before:
-            time.sleep(0.001)
-        ready, _ = ray.wait([runner.inflight[1]], timeout=0)
+    def killer(inflight: list) -> None:
+        """Iteration 3's calls are submitted: kill actor 1 while its call is unfinished."""
+        ready, _ = ray.wait([inflight[1]], timeout=0)
         ray.kill(victim, no_restart=no_restart)
         killed_while_busy.append(not ready)
 
-    def gradients(weights, task_ids):
-        if task_ids[0] != 3 * cfg.meta_batch:
-            return real_gradients(weights, task_ids)
-        thread = threading.Thread(target=killer, args=(runner.inflight,))
-        thread.start()
-        try:
-            return real_gradients(weights, task_ids)
-        finally:
-            thread.join()
-
-    runner.gradients = gradients
+    fault_during(runner, 3, cfg.meta_batch, killer)
     try:
         fit(cfg, runner, omniglot_dataset)
         infos = runner.actor_info()
