@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -55,21 +56,18 @@ class MetaObjective:
     vmap_chunk: int = 0
 
     def _task_results(self, psi: Params, theta: Params, tasks: TaskBatch, settings: InnerSettings):
-        """Yield ``(metrics, psi', theta')`` per chunk, each with a leading task dimension."""
-        def one(sx, sy, qx, qy):
-            return run_task(self.teacher, self.student, self.kd_loss, settings, psi, theta, sx, sy, qx, qy)
+        """Yield ``(metrics, psi', theta')`` per task or per vmap chunk, with a leading task dimension."""
+        def one(s, sx, sy, qx, qy):
+            return run_task(self.teacher, self.student, self.kd_loss, s, psi, theta, sx, sy, qx, qy)
 
         if self.vmap_chunk > 0:
-            batched = torch.func.vmap(one)
+            batched = torch.func.vmap(partial(one, replace(settings, vectorized=True)))
             for chunk in tasks.chunks(self.vmap_chunk):
                 yield batched(chunk.support_x, chunk.support_y, chunk.query_x, chunk.query_y)
         else:
             for i in range(len(tasks)):
-                metrics, psi_i, theta_i = one(tasks.support_x[i], tasks.support_y[i],
-                                              tasks.query_x[i], tasks.query_y[i])
-                yield ({k: v.unsqueeze(0) for k, v in metrics.items()},
-                       {k: v.unsqueeze(0) for k, v in psi_i.items()},
-                       {k: v.unsqueeze(0) for k, v in theta_i.items()})
+                yield _with_task_dim(one(settings, tasks.support_x[i], tasks.support_y[i],
+                                         tasks.query_x[i], tasks.query_y[i]))
 
     def gradient_sums(self, psi: Params, theta: Params, tasks: TaskBatch
                       ) -> tuple[Params, Params, dict[str, float]]:
@@ -82,9 +80,12 @@ class MetaObjective:
         grads_psi = {k: torch.zeros_like(v) for k, v in psi_leaves.items()}
         grads_theta = {k: torch.zeros_like(v) for k, v in theta_leaves.items()}
         metric_sums: dict[str, float] = {}
-        if self.algorithm == "reptile":
+        settings = self.settings
+        if self.algorithm == "reptile":  # only the adapted values matter: no graph through the inner loop
             psi, theta = detached(psi), detached(theta)
-        for metrics, psi_task, theta_task in self._task_results(psi, theta, tasks, self.settings):
+            settings = replace(settings, first_order_teacher=True, first_order_student=True)
+        for result in self._task_results(psi, theta, tasks, settings):
+            metrics, psi_task, theta_task = result
             for name, value in metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + float(value.detach().sum())
             if self.algorithm == "reptile":
@@ -92,14 +93,20 @@ class MetaObjective:
                 _add_displacement(grads_theta, theta, theta_task)
             else:
                 _add_query_gradients(grads_psi, grads_theta, psi_leaves, theta_leaves, metrics)
+            del result, metrics, psi_task, theta_task  # free this task's graph before the next one
         return grads_psi, grads_theta, metric_sums
 
     def evaluate(self, psi: Params, theta: Params, tasks: TaskBatch, steps: int) -> dict[str, Tensor]:
         """Per-task query metrics after first-order adaptation with ``steps`` inner steps."""
         settings = replace(self.settings, steps=steps, first_order_teacher=True, first_order_student=True)
         psi, theta = detached(psi), detached(theta)
-        per_chunk = [metrics for metrics, _, _ in self._task_results(psi, theta, tasks, settings)]
-        return {name: torch.cat([m[name].detach() for m in per_chunk]) for name in per_chunk[0]}
+        per_chunk = [{name: value.detach() for name, value in metrics.items()}
+                     for metrics, _, _ in self._task_results(psi, theta, tasks, settings)]
+        return {name: torch.cat([m[name] for m in per_chunk]) for name in per_chunk[0]}
+
+
+def _with_task_dim(result: tuple[dict[str, Tensor], Params, Params]):
+    return tuple({k: v.unsqueeze(0) for k, v in part.items()} for part in result)
 
 
 def _add_query_gradients(grads_psi: Params, grads_theta: Params, psi: Params, theta: Params,

@@ -27,12 +27,13 @@ class InnerSettings:
     first_order_student: bool = False
     kd_weight: float = 1.0
     learn_to_teach: bool = False  # beyond the paper: let L_S(theta') reach psi through L_KD
+    vectorized: bool = False  # run_task is called under torch.func.vmap
 
 
 def adapt_teacher(teacher: nn.Module, psi: Params, x: Tensor, y: Tensor, s: InnerSettings) -> Params:
     # Eq. 6: psi'_i = psi - alpha * grad_psi L_T(psi; D_tr)
     return inner_loop(lambda p: cross_entropy(teacher, p, x, y), psi, s.steps, s.alpha,
-                      s.first_order_teacher)
+                      s.first_order_teacher, s.vectorized)
 
 
 def adapt_student(student: nn.Module, theta: Params, x: Tensor, y: Tensor,
@@ -45,7 +46,7 @@ def adapt_student(student: nn.Module, theta: Params, x: Tensor, y: Tensor,
             return ce
         return ce + s.kd_weight * kd_loss(out, teacher_support)
 
-    return inner_loop(loss, theta, s.steps, s.lam, s.first_order_student)
+    return inner_loop(loss, theta, s.steps, s.lam, s.first_order_student, s.vectorized)
 
 
 def run_task(teacher: nn.Module | None, student: nn.Module | None, kd_loss: KDLoss,
