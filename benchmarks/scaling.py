@@ -13,7 +13,10 @@ Paths, all driven like ``Trainer.step`` (weights -> runner.gradients -> MetaLear
 - ``ray_1w``: RayRunner, 1 actor x 1 torch thread (the single-threaded baseline);
 - ``ray_2w``: RayRunner, 2 actors x 1 torch thread;
 - ``local_2t``: LocalRunner in this process with 2 torch threads (the engine using both cores);
-- ``local_1t`` (``--local-1t``): LocalRunner with 1 thread.
+- ``local_1t`` (``--local-1t``): LocalRunner with 1 thread;
+- ``allreduce_2w``: ``--aggregation allreduce``: 2 Ray Train workers x 1 thread, each running the
+  meta-learner and ``AllReduceRunner`` (gloo). It runs after the round-robin paths, in its own
+  Ray Train run, so it does not share their rotation (``--no-allreduce`` skips it).
 
 The paths run round-robin, one meta-iteration each in rotating order (the actors of the path not
 running sit idle), so that load from other processes on a shared machine hits all paths alike;
@@ -21,6 +24,8 @@ tasks/s is meta_batch / median iteration time, after ``--warmup`` iterations per
 Driver share (Ray paths): the part of an iteration in which the actors wait for the driver
 (weights to numpy, ``ray.put``, adding the returned sums, the Adam step), median over iterations.
 Bytes: what the driver puts (the weights, once per iteration) and what the actors return.
+All-reduce share: the part of a rank-0 iteration spent in ``all_reduce``, waiting for the other
+rank included.
 Also reports the FLOPs of one task (``torch.utils.flop_counter``), used by the projection in
 docs/benchmarks.md, and the CPU seconds the computing processes used (``/proc``), which, unlike
 wall time, hardly depend on what else runs on the machine.
@@ -55,6 +60,8 @@ from tsmd_ray.config import Config  # noqa: E402
 from tsmd_ray.data import ArrowFewShotDataset, write_dataset  # noqa: E402
 from tsmd_ray.engine import DataSpec, MetaLearner, TaskWorker  # noqa: E402
 from tsmd_ray.training import LocalRunner, task_ids  # noqa: E402
+
+# the ``train_loop_per_worker`` below is pickled by value into the Ray Train workers
 
 CONFIG = dict(method="tsmd", teacher="resnet12", teacher_widths=[64, 128, 256, 512], student="conv4",
               student_widths=[32, 32, 32, 32], ways=5, shots=1, query=15, inner_steps=5, meta_batch=4,
@@ -129,6 +136,45 @@ def summarise(path: Path_, warmup: int) -> dict[str, float]:
     return out
 
 
+def allreduce_loop(config: dict) -> None:
+    """Ray Train worker: ``rounds`` meta-iterations as Trainer.step does them, timed on every rank."""
+    import ray.train
+
+    from tsmd_ray.distributed.allreduce import AllReduceRunner
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    cfg = Config.from_dict(config["cfg"])
+    runner = AllReduceRunner(cfg, config["data_path"], ctx.get_world_rank(), ctx.get_world_size())
+    learner = MetaLearner(cfg, DataSpec.of(ArrowFewShotDataset(config["data_path"])))
+    records = []
+    for iteration in range(config["rounds"]):
+        torch.distributed.barrier()
+        comm_before, start = runner.comm_s, time.perf_counter()
+        grads, _ = runner.gradients(learner.weights(), task_ids(iteration, cfg.meta_batch))
+        learner.outer_step(grads, cfg.meta_batch)
+        records.append({"total_s": time.perf_counter() - start, "allreduce_s": runner.comm_s - comm_before})
+    ray.train.report({"records": records})
+
+
+def run_allreduce_path(cfg: Config, data_path: Path, rounds: int, warmup: int) -> dict[str, float]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(allreduce_loop, train_loop_config={"cfg": cfg.to_dict(), "data_path": str(data_path),
+                                                             "rounds": rounds},
+                           scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers,
+                                                                  resources_per_worker={"CPU": 1}),
+                           run_config=ray.train.RunConfig(storage_path=str(Path(cfg.out).resolve())))
+    timed = trainer.fit().metrics["records"][warmup:]
+    median = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
+    for r, record in enumerate(timed):
+        print(f"allreduce_2w iteration {warmup + r}: {record['total_s']:.2f} s", file=sys.stderr, flush=True)
+    return {"iterations_timed": len(timed), "median_iteration_s": median("total_s"),
+            "tasks_per_s": cfg.meta_batch / median("total_s"), "iteration_s": [round(r["total_s"], 3) for r in timed],
+            "allreduce_s": median("allreduce_s"), "allreduce_share": median("allreduce_s") / median("total_s")}
+
+
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of a process on this machine (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -158,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iterations", type=int, default=5, help="timed meta-iterations per path")
     parser.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations per path first")
     parser.add_argument("--local-1t", action="store_true", help="also time LocalRunner with 1 thread")
+    parser.add_argument("--no-allreduce", action="store_true", help="skip the all-reduce path")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -191,6 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
                     path.records.append(record)
                     print(f"round {r} {path.name}: {record['total_s']:.2f} s", file=sys.stderr, flush=True)
             results = {path.name: summarise(path, args.warmup) for path, _ in paths}
+            for path, _ in paths:
+                path.runner.close()
+            if not args.no_allreduce:
+                results["allreduce_2w"] = run_allreduce_path(base.replace(workers=2, aggregation="allreduce"),
+                                                             data_path, rounds, args.warmup)
         finally:
             for path, _ in paths:
                 path.runner.close()
@@ -216,6 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
         / (2 * (two["driver_s"] + two["busiest_worker_cpu_s"])),
         "ray_2w_over_local_2t": two["tasks_per_s"] / local["tasks_per_s"],
         "driver_share_2w": two["driver_share"],
+        **({"allreduce_2w_over_ray_2w": results["allreduce_2w"]["tasks_per_s"] / two["tasks_per_s"],
+            "allreduce_efficiency_2w": results["allreduce_2w"]["tasks_per_s"] / (2 * one["tasks_per_s"]),
+            "allreduce_share_2w": results["allreduce_2w"]["allreduce_share"]} if "allreduce_2w" in results else {}),
         "object_store_bytes_per_iteration_2w": two["object_store_put_bytes_per_iteration"]
         + two["object_store_result_bytes_per_iteration"],
         "targets": TARGETS,

@@ -93,6 +93,9 @@ class Config:
     resume: bool = _opt(False, "resume from the latest checkpoint in --out")
     # distributed
     backend: str = _opt("ray", "ray | local (single process, no Ray)", choices=("ray", "local"))
+    aggregation: str = _opt("driver", "with --backend ray: driver (actors return gradient sums to the driver) | "
+                            "allreduce (Ray Train workers all-reduce them, gloo on CPU / NCCL on GPU)",
+                            choices=("driver", "allreduce"))
     workers: int = _opt(0, "Ray worker actors (0: one per GPU (per --gpus-per-worker GPUs), else one per --threads-per-worker CPUs; at most --meta-batch)")
     gpus_per_worker: float = _opt(0.0, "GPUs per worker actor (fractions allowed; 0 on CPU clusters)")
     threads_per_worker: int = _opt(1, "torch threads per worker actor")
@@ -159,6 +162,11 @@ class Config:
             raise ValueError(f"threads_per_worker must be at least 1, got {self.threads_per_worker}")
         if self.meta_algorithm == "reptile" and self.inner_steps < 1:
             raise ValueError("reptile needs inner_steps >= 1")
+        if self.aggregation == "allreduce" and self.backend != "ray":
+            raise ValueError(f"aggregation=allreduce needs backend=ray, got backend={self.backend!r}")
+        if self.aggregation == "allreduce" and self.workers > self.meta_batch:
+            raise ValueError(f"aggregation=allreduce needs workers <= meta_batch (every worker takes at least "
+                             f"one task), got workers={self.workers}, meta_batch={self.meta_batch}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

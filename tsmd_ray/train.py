@@ -1,7 +1,9 @@
 """Meta-train teacher and student: ``python -m tsmd_ray.train [--config FILE.yaml] [flags]``.
 
 Runs on Ray by default (``ray.init()`` joins $RAY_ADDRESS or a ``ray start`` cluster, else
-starts a local one); ``--backend local`` runs in this process without Ray.
+starts a local one): worker actors compute the tasks and this process aggregates their gradients,
+or with ``--aggregation allreduce`` Ray Train workers all-reduce them among themselves.
+``--backend local`` runs in this process without Ray.
 """
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None) ->
     the default tracker (Tune trials pass one nested under their sweep's run).
     """
     dataset_path = str(resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir))
+    if cfg.backend == "ray" and cfg.aggregation == "allreduce":
+        if reporters or tracker is not None:
+            raise ValueError("aggregation=allreduce reports from inside Ray Train workers; "
+                             "use aggregation=driver here (Tune trials do)")
+        from .distributed.allreduce import run_allreduce
+
+        return run_allreduce(cfg, dataset_path)
     dataset = ArrowFewShotDataset(dataset_path)
     with tracker if tracker is not None else tracking.tracker(cfg) as tracker:
         runner = make_runner(cfg, dataset_path)

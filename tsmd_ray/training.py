@@ -88,11 +88,16 @@ def _check_finite(iteration: int, grads: Weights, metrics: dict[str, float], las
 
 
 class Trainer:
-    """Algorithm 1 over a runner; writes ``checkpoint.pt``, ``metrics.jsonl`` and ``evaluation.json``."""
+    """Algorithm 1 over a runner; writes ``checkpoint.pt``, ``metrics.jsonl`` and ``evaluation.json``.
+
+    With all-reduce aggregation every worker runs a Trainer on identical weights; only the
+    ``primary`` one writes files and calls the reporters.
+    """
 
     def __init__(self, cfg: Config, runner: Runner, spec: DataSpec, data_meta: dict[str, Any],
-                 reporters: Sequence[Reporter] = ()) -> None:
+                 reporters: Sequence[Reporter] = (), primary: bool = True) -> None:
         self.cfg, self.runner, self.data_meta = cfg, runner, data_meta
+        self.primary = primary
         self.reporters = list(reporters)
         self.out = Path(cfg.out)
         self.learner = MetaLearner(cfg, spec)
@@ -100,13 +105,14 @@ class Trainer:
         self.start = 0
         self.last_checkpoint: int | None = None
         if cfg.resume and (self.out / CHECKPOINT_NAME).is_file():
-            self._restore(load_checkpoint(self.out / CHECKPOINT_NAME))
+            self.restore(load_checkpoint(self.out / CHECKPOINT_NAME), self.out / CHECKPOINT_NAME)
 
-    def _restore(self, payload: dict[str, Any]) -> None:
+    def restore(self, payload: dict[str, Any], source: str | Path) -> None:
+        """Continue from a checkpoint payload (see :meth:`checkpoint_payload`)."""
         self.learner.load_state_dict(payload["learner"])
         self.start = payload["iteration"] + 1
         self.last_checkpoint = payload["iteration"]
-        log.info("resumed from %s at iteration %d", self.out / CHECKPOINT_NAME, self.start)
+        log.info("resumed from %s at iteration %d", source, self.start)
 
     def checkpoint_payload(self, iteration: int) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "iteration": iteration, "learner": self.learner.state_dict(),
@@ -115,11 +121,15 @@ class Trainer:
                          "dataset": self.data_meta.get("name", self.cfg.dataset)}}
 
     def save(self, iteration: int) -> Path:
-        path = save_checkpoint(self.out / CHECKPOINT_NAME, self.checkpoint_payload(iteration))
+        path = self.out / CHECKPOINT_NAME
+        if self.primary:
+            save_checkpoint(path, self.checkpoint_payload(iteration))
         self.last_checkpoint = iteration
         return path
 
     def _report(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.primary:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         for reporter in self.reporters:
@@ -141,10 +151,12 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Meta-train to ``cfg.iterations``, then meta-test; returns the evaluation."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.cfg.to_yaml(self.out / "config.yaml")
+        if self.primary:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.cfg.to_yaml(self.out / "config.yaml")
         bar = tqdm(range(self.start, self.cfg.iterations), desc=f"meta-train {self.cfg.method}",
-                   initial=self.start, total=self.cfg.iterations, dynamic_ncols=True)
+                   initial=self.start, total=self.cfg.iterations, dynamic_ncols=True,
+                   disable=not self.primary)
         for iteration in bar:
             metrics = self.step(iteration)
             if self.cfg.eval_every and (iteration + 1) % self.cfg.eval_every == 0:
@@ -161,7 +173,8 @@ class Trainer:
         result = {"method": self.cfg.method, "meta_algorithm": self.cfg.meta_algorithm,
                   "dataset": self.cfg.dataset, "ways": self.cfg.ways, "shots": self.cfg.shots,
                   "iterations": self.cfg.iterations, "results": summary}
-        atomic_write(self.out / "evaluation.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+        if self.primary:
+            atomic_write(self.out / "evaluation.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
         self._report(self.cfg.iterations, {f"test/{m}_acc": s["mean"] for m, s in summary.items()}
                      | {f"test/{m}_ci95": s["ci95"] for m, s in summary.items()})
         return result

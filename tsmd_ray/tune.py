@@ -580,6 +580,9 @@ def sweep(spec: SweepSpec, *, storage: str | Path, resume: bool = False, samples
 
     user_base = _absolute(spec.base)
     cfg = Config.from_dict(user_base)
+    if cfg.aggregation != "driver":
+        raise ValueError(f"base.aggregation={cfg.aggregation!r}: Tune trials aggregate on their driver "
+                         "(each trial's placement group holds it); remove the key or set it to 'driver'")
     backend = trial_backend(cfg.backend)
     workers = (cfg.workers or 1) if backend == "ray" else cfg.workers
     from .data import resolve_dataset

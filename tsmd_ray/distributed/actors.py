@@ -55,6 +55,34 @@ def to_torch(weights: NumpyWeights) -> Weights:
                 for key, group in weights.items()}
 
 
+def block_gradient_sums(worker: TaskWorker, weights: Weights, task_ids: Sequence[int]
+                        ) -> tuple[NumpyWeights, dict[str, float]]:
+    """Outer-gradient sums over a block of tasks as CPU numpy arrays, and metric sums.
+
+    With the per-task loop the tasks are computed one by one and summed in float64 (exact, so
+    the grouping into blocks does not matter); with ``vmap`` the block is one batch and the sum
+    stays float32.
+    """
+    if worker.objective.vmap_chunk:
+        grads, metrics = worker.gradients(weights, list(task_ids))
+        return to_numpy(grads), metrics
+    sums: NumpyWeights = {}
+    metrics = {}
+    for task_id in task_ids:
+        grads, task_metrics = worker.gradients(weights, [task_id])
+        for key, group in grads.items():
+            acc = sums.setdefault(key, {})
+            for name, g in group.items():
+                g64 = g.numpy().astype(np.float64)
+                if name in acc:
+                    acc[name] += g64
+                else:
+                    acc[name] = g64
+        for name, value in task_metrics.items():
+            metrics[name] = metrics.get(name, 0.0) + value
+    return sums, metrics
+
+
 class TaskActor:
     """Wraps a ``TaskWorker``; made remote by the driver with its resources and restart policy."""
 
@@ -63,34 +91,10 @@ class TaskActor:
         torch.set_num_threads(self.cfg.threads_per_worker)
         self.worker = TaskWorker(self.cfg, ArrowFewShotDataset(dataset_path))
 
-    @property
-    def exact(self) -> bool:
-        """Per-task gradients summed in float64 (the engine runs tasks one by one)."""
-        return not self.worker.objective.vmap_chunk
-
     def gradients(self, weights: NumpyWeights, task_ids: Sequence[int]
                   ) -> tuple[NumpyWeights, dict[str, float]]:
-        """Summed outer gradients over ``task_ids`` (CPU numpy: float64 if :attr:`exact`, else
-        float32) and metric sums."""
-        params = to_torch(weights)
-        if not self.exact:
-            grads, metrics = self.worker.gradients(params, list(task_ids))
-            return to_numpy(grads), metrics
-        sums: NumpyWeights = {}
-        metrics: dict[str, float] = {}
-        for task_id in task_ids:
-            grads, task_metrics = self.worker.gradients(params, [task_id])
-            for key, group in grads.items():
-                acc = sums.setdefault(key, {})
-                for name, g in group.items():
-                    g64 = g.numpy().astype(np.float64)
-                    if name in acc:
-                        acc[name] += g64
-                    else:
-                        acc[name] = g64
-            for name, value in task_metrics.items():
-                metrics[name] = metrics.get(name, 0.0) + value
-        return sums, metrics
+        """Summed outer gradients over ``task_ids`` and metric sums (see :func:`block_gradient_sums`)."""
+        return block_gradient_sums(self.worker, to_torch(weights), task_ids)
 
     def evaluate(self, weights: NumpyWeights, split: str, task_ids: Sequence[int]) -> dict[str, list[float]]:
         """Per-episode metrics of ``task_ids`` in order."""
