@@ -154,19 +154,23 @@ def allreduce_loop(config: dict) -> None:
         grads, _ = runner.gradients(learner.weights(), task_ids(iteration, cfg.meta_batch))
         learner.outer_step(grads, cfg.meta_batch)
         records.append({"total_s": time.perf_counter() - start, "allreduce_s": runner.comm_s - comm_before})
-    ray.train.report({"records": records})
+    if ctx.get_world_rank() == 0:  # Ray Train keeps only checkpointed metrics: hand them over as a file
+        Path(config["records_path"]).write_text(json.dumps(records))
 
 
 def run_allreduce_path(cfg: Config, data_path: Path, rounds: int, warmup: int) -> dict[str, float]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    records_path = Path(cfg.out).resolve() / "allreduce_records.json"
     trainer = TorchTrainer(allreduce_loop, train_loop_config={"cfg": cfg.to_dict(), "data_path": str(data_path),
-                                                             "rounds": rounds},
+                                                             "rounds": rounds, "records_path": str(records_path)},
                            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers,
                                                                   resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(storage_path=str(Path(cfg.out).resolve())))
-    timed = trainer.fit().metrics["records"][warmup:]
+    records_path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.fit()
+    timed = json.loads(records_path.read_text())[warmup:]
     median = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
     for r, record in enumerate(timed):
         print(f"allreduce_2w iteration {warmup + r}: {record['total_s']:.2f} s", file=sys.stderr, flush=True)

@@ -9,12 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from tsmd_ray.checkpoint import load_checkpoint
 from tsmd_ray.config import Config, config_from_args
 from tsmd_ray.data import ArrowFewShotDataset
 from tsmd_ray.engine import DataSpec
+from tsmd_ray.plots import read_metrics
 from tsmd_ray.train import build_parser
 from tsmd_ray.training import CHECKPOINT_NAME, Runner, Trainer
 
@@ -104,3 +106,35 @@ def fault_during(runner: Any, iteration: int, meta_batch: int, fault: Callable[[
             thread.join()
 
     runner.gradients = gradients
+
+
+# ---------------------------------------------------------------------- one Ray instance per module
+@pytest.fixture(scope="module")
+def ray_address() -> str:
+    import ray
+
+    with restored_env():
+        # address="local": always a fresh instance, never a `ray start` cluster someone left running
+        context = ray.init(address="local", num_cpus=2, include_dashboard=False)
+        try:
+            yield context.address_info["gcs_address"]
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(ray_address: str, omniglot_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An unfaulted run with driver aggregation over 2 workers: final learner state, evaluation,
+    the runner's call statistics and the metrics records."""
+    from tsmd_ray.distributed import RayRunner
+
+    out = tmp_path_factory.mktemp("reference")
+    cfg = tiny_config(omniglot_dataset, out, "--workers", "2")
+    runner = RayRunner(cfg, omniglot_dataset)
+    try:
+        assert len(runner.actors) == 2 and {i["threads"] for i in runner.infos} == {1}
+        result = fit(cfg, runner, omniglot_dataset)
+        stats = runner.stats
+    finally:
+        runner.close()
+    return {"state": final_state(out), "result": result, "stats": stats, "metrics": read_metrics(out / "metrics.jsonl")}

@@ -13,35 +13,11 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from tsmd_ray import train  # noqa: E402
-from tsmd_ray.distributed import RayRunner  # noqa: E402
 from tsmd_ray.plots import read_metrics  # noqa: E402
 
-from .conftest import assert_identical, final_state, fit, restored_env, tiny_config  # noqa: E402
+from .conftest import assert_identical, final_state, tiny_config  # noqa: E402
 
 ALLREDUCE = ("--workers", "2", "--aggregation", "allreduce")
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> None:
-    with restored_env():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-        try:
-            yield
-        finally:
-            ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def driver_reference(local_ray: None, omniglot_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The same run with driver aggregation over 2 worker actors."""
-    out = tmp_path_factory.mktemp("driver")
-    cfg = tiny_config(omniglot_dataset, out, "--workers", "2")
-    runner = RayRunner(cfg, omniglot_dataset)
-    try:
-        result = fit(cfg, runner, omniglot_dataset)
-    finally:
-        runner.close()
-    return {"state": final_state(out), "result": result, "metrics": read_metrics(out / "metrics.jsonl")}
 
 
 def train_workers() -> list[psutil.Process]:
@@ -54,7 +30,7 @@ def train_workers() -> list[psutil.Process]:
     return found
 
 
-def test_allreduce_matches_driver_aggregation(driver_reference: dict, omniglot_dataset: Path, tmp_path: Path,
+def test_allreduce_matches_driver_aggregation(reference: dict, omniglot_dataset: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """2 Ray Train workers, gloo all-reduce: every parameter and Adam moment bit-identical to the
     driver's run (both add float64 per-task sums, see tsmd_ray/distributed/allreduce.py), the
@@ -63,10 +39,10 @@ def test_allreduce_matches_driver_aggregation(driver_reference: dict, omniglot_d
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = tiny_config(omniglot_dataset, tmp_path / "run", *ALLREDUCE, "--mlflow", "true")
     result = train.run(cfg)
-    assert_identical(final_state(tmp_path / "run"), driver_reference["state"], "all-reduce vs driver")
-    assert result["results"] == driver_reference["result"]["results"]
+    assert_identical(final_state(tmp_path / "run"), reference["state"], "all-reduce vs driver")
+    assert result["results"] == reference["result"]["results"]
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [r["step"] for r in driver_reference["metrics"]]  # rank 0 wrote once
+    assert [r["step"] for r in records] == [r["step"] for r in reference["metrics"]]  # rank 0 wrote once
     assert list((tmp_path / "run" / "ray_train").glob("*/checkpoint_*/checkpoint.pt"))
 
     from mlflow.tracking import MlflowClient
@@ -78,7 +54,7 @@ def test_allreduce_matches_driver_aggregation(driver_reference: dict, omniglot_d
     assert [m.step for m in history] == list(range(1, cfg.iterations + 1))
 
 
-def test_killed_worker_restarts_the_group_from_its_checkpoint(driver_reference: dict, omniglot_dataset: Path,
+def test_killed_worker_restarts_the_group_from_its_checkpoint(reference: dict, omniglot_dataset: Path,
                                                               tmp_path: Path) -> None:
     """SIGKILL a Ray Train worker once iteration 3 is logged: Ray Train restarts the worker group,
     it resumes from the last checkpoint rank 0 reported, and the run ends bit-identical."""
@@ -105,8 +81,8 @@ def test_killed_worker_restarts_the_group_from_its_checkpoint(driver_reference: 
     assert killed, "no worker was killed"
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert set(steps) == set(range(1, cfg.iterations + 1))  # iterations after the checkpoint ran again
-    assert_identical(final_state(tmp_path), driver_reference["state"], "killed worker vs unfaulted")
-    assert result["results"] == driver_reference["result"]["results"]
+    assert_identical(final_state(tmp_path), reference["state"], "killed worker vs unfaulted")
+    assert result["results"] == reference["result"]["results"]
 
 
 def test_tune_and_local_backend_refuse_allreduce(omniglot_dataset: Path, tmp_path: Path) -> None:

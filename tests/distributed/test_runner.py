@@ -17,7 +17,7 @@ from tsmd_ray.config import Config  # noqa: E402
 from tsmd_ray.distributed import RayRunner, plan_workers, split_blocks  # noqa: E402
 from tsmd_ray.training import CHECKPOINT_NAME  # noqa: E402
 
-from .conftest import (assert_identical, fault_during, final_state, fit, restored_env, tiny_config,  # noqa: E402
+from .conftest import (assert_identical, fault_during, final_state, fit, tiny_config,  # noqa: E402
                        tiny_flags)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,33 +43,6 @@ def test_split_blocks_contiguous_and_balanced() -> None:
 def test_plan_workers(resources: dict, flags: dict, expected: tuple) -> None:
     plan = plan_workers(Config(**{"meta_batch": 8, **flags}), resources)
     assert (plan.workers, plan.cpus_per_worker, plan.gpus_per_worker) == expected
-
-
-# ---------------------------------------------------------------------- one Ray instance for the module
-@pytest.fixture(scope="module")
-def ray_address() -> str:
-    with restored_env():
-        # address="local": always a fresh instance, never a `ray start` cluster someone left running
-        context = ray.init(address="local", num_cpus=2, include_dashboard=False)
-        try:
-            yield context.address_info["gcs_address"]
-        finally:
-            ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def reference(ray_address: str, omniglot_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """An unfaulted run with 2 workers: final learner state and evaluation."""
-    out = tmp_path_factory.mktemp("reference")
-    cfg = tiny_config(omniglot_dataset, out, "--workers", "2")
-    runner = RayRunner(cfg, omniglot_dataset)
-    try:
-        assert len(runner.actors) == 2 and {i["threads"] for i in runner.infos} == {1}
-        result = fit(cfg, runner, omniglot_dataset)
-        stats = runner.stats
-    finally:
-        runner.close()
-    return {"state": final_state(out), "result": result, "stats": stats}
 
 
 def test_trajectory_does_not_depend_on_worker_count(reference: dict, omniglot_dataset: Path, tmp_path: Path) -> None:
