@@ -85,6 +85,17 @@ def test_killed_worker_restarts_the_group_from_its_checkpoint(reference: dict, o
     assert result["results"] == reference["result"]["results"]
 
 
+def test_resume_continues_from_the_checkpoint_in_out(reference: dict, omniglot_dataset: Path, tmp_path: Path) -> None:
+    """``--resume`` (a new driver after the old one died) continues from ``OUT/checkpoint.pt``:
+    4 iterations, then a resumed run to 8, ends where the uninterrupted run ends."""
+    train.run(tiny_config(omniglot_dataset, tmp_path, *ALLREDUCE, "--iterations", "4"))
+    result = train.run(tiny_config(omniglot_dataset, tmp_path, *ALLREDUCE, "--resume", "true"))
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/student/loss" in r]
+    assert steps == list(range(1, 9))  # iterations 1-4, then 5-8 after the resume
+    assert_identical(final_state(tmp_path), reference["state"], "resumed vs uninterrupted")
+    assert result["results"] == reference["result"]["results"]
+
+
 def test_tune_and_local_backend_refuse_allreduce(omniglot_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="aggregation=allreduce needs backend=ray"):
         tiny_config(omniglot_dataset, tmp_path, "--aggregation", "allreduce", "--backend", "local")
