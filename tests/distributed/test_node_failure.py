@@ -8,12 +8,16 @@ unfaulted run ends.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
+from ray._raylet import Config  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
@@ -31,6 +35,13 @@ class Placeholder:
 @pytest.fixture(scope="module")
 def cluster():
     with restored_env():
+        # Token authentication, as ray.init() sets it up for a local cluster (environment, token
+        # file if missing, Ray's cached config). Left as the environment had it, a process that
+        # ran another Ray cluster before (an earlier module) cannot schedule actors on this one.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"],
+                       check=True, capture_output=True)
+        Config.initialize("")
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         try:
             extra = cluster.add_node(num_cpus=1)
