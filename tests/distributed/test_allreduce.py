@@ -13,6 +13,8 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from tsmd_ray import train  # noqa: E402
+from tsmd_ray.checkpoint import load_checkpoint  # noqa: E402
+from tsmd_ray.training import NonFiniteLossError  # noqa: E402
 from tsmd_ray.plots import read_metrics  # noqa: E402
 
 from .conftest import assert_identical, final_state, tiny_config  # noqa: E402
@@ -94,6 +96,17 @@ def test_resume_continues_from_the_checkpoint_in_out(reference: dict, omniglot_d
     assert steps == list(range(1, 9))  # iterations 1-4, then 5-8 after the resume
     assert_identical(final_state(tmp_path), reference["state"], "resumed vs uninterrupted")
     assert result["results"] == reference["result"]["results"]
+
+
+def test_nan_loss_stops_at_once_and_keeps_the_last_checkpoint(omniglot_dataset: Path, tmp_path: Path,
+                                                               ray_address: str) -> None:
+    """A NaN loss is deterministic: the workers end the run and the driver raises their error (after
+    worker-group restarts it would be a RuntimeError from Ray Train's TrainingFailedError)."""
+    cfg = tiny_config(omniglot_dataset, tmp_path, *ALLREDUCE, "--checkpoint-every", "1")
+    train.run(cfg.replace(iterations=2))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .* at iteration 2.*iteration 1\) is kept"):
+        train.run(cfg.replace(resume=True, lam=1e38))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 1
 
 
 def test_tune_and_local_backend_refuse_allreduce(omniglot_dataset: Path, tmp_path: Path) -> None:

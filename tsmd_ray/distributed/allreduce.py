@@ -10,8 +10,9 @@ driver mode's. Evaluation episodes are split over the workers the same way.
 
 Rank 0 writes checkpoints, ``metrics.jsonl`` and the evaluation to ``--out`` and logs to MLflow;
 it also reports each checkpoint to Ray Train (storage ``OUT/ray_train``). A worker that dies
-restarts the whole worker group (``FailureConfig``), which resumes from that checkpoint. Outputs
-and storage must be on a file system every node sees.
+restarts the whole worker group (``FailureConfig``), which resumes from that checkpoint; a NaN
+loss is not retried (it would recur) but raised on the driver. Outputs and storage must be on a
+file system every node sees.
 """
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ from ..checkpoint import load_checkpoint
 from ..config import Config
 from ..data import ArrowFewShotDataset
 from ..engine import DataSpec, TaskWorker, Weights
-from ..training import CHECKPOINT_NAME, Trainer
+from ..training import CHECKPOINT_NAME, NonFiniteLossError, Trainer
 from .actors import NumpyWeights, block_gradient_sums
 from .driver import MAX_RESTARTS, plan_workers, split_blocks
 
 log = logging.getLogger(__name__)
+
+NON_FINITE = "non_finite_error"  # the metric that carries a NonFiniteLossError to the driver
 
 
 class AllReduceRunner:
@@ -124,13 +127,21 @@ def train_loop(config: dict[str, Any]) -> None:
     runner = AllReduceRunner(cfg, config["dataset_path"], rank, world)
     primary = rank == 0
     tracker = tracking.tracker(cfg, tracking_uri=config["tracking_uri"]) if primary else tracking.NullTracker()
-    with tracker:
-        trainer = _WorkerTrainer(cfg, runner, DataSpec.of(dataset), dataset.meta, [tracker], primary=primary)
-        if restored is not None:
-            with restored.as_directory() as folder:
-                trainer.restore(load_checkpoint(Path(folder) / CHECKPOINT_NAME), f"Ray Train checkpoint {restored.path}")
-        result = trainer.fit()
-    # Ray Train keeps the metrics of the latest checkpoint: the final state with its evaluation
+    try:
+        with tracker:
+            trainer = _WorkerTrainer(cfg, runner, DataSpec.of(dataset), dataset.meta, [tracker], primary=primary)
+            if restored is not None:
+                with restored.as_directory() as folder:
+                    trainer.restore(load_checkpoint(Path(folder) / CHECKPOINT_NAME),
+                                    f"Ray Train checkpoint {restored.path}")
+            result = trainer.fit()
+    except NonFiniteLossError as exc:  # every rank sees it, and a restarted group would again: no retry
+        with tempfile.TemporaryDirectory() as folder:
+            error = Path(folder) / "non_finite.txt"
+            error.write_text(str(exc))
+            report_to_ray_train({NON_FINITE: str(exc)}, [error] if primary else [])
+        return
+    # Ray Train keeps only the metrics of checkpointed reports: the final state with its evaluation
     final = [trainer.out / CHECKPOINT_NAME, trainer.out / "evaluation.json"] if primary else []
     report_to_ray_train({"evaluation": result, "allreduce_s": runner.comm_s}, final)
 
@@ -164,6 +175,8 @@ def run_allreduce(cfg: Config, dataset_path: str) -> dict[str, Any]:
             result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise RuntimeError(f"all-reduce meta-training failed after {MAX_RESTARTS} restart(s): {exc}") from exc
+        if NON_FINITE in result.metrics:
+            raise NonFiniteLossError(result.metrics[NON_FINITE])
         return result.metrics["evaluation"]
     finally:
         if owns_ray:
