@@ -67,7 +67,7 @@ def block_gradient_sums(worker: TaskWorker, weights: Weights, task_ids: Sequence
         grads, metrics = worker.gradients(weights, list(task_ids))
         return to_numpy(grads), metrics
     sums: NumpyWeights = {}
-    metrics = {}
+    metrics: dict[str, float] = {}
     for task_id in task_ids:
         grads, task_metrics = worker.gradients(weights, [task_id])
         for key, group in grads.items():
