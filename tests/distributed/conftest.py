@@ -72,11 +72,7 @@ def assert_identical(a: dict[str, Any], b: dict[str, Any], what: str = "") -> in
 
 @contextmanager
 def restored_env(names: Sequence[str] = ("RAY_AUTH_MODE", "RAY_ADDRESS")) -> Iterator[None]:
-    """``ray.init`` turns token authentication on for this process, in os.environ and in Ray's cached
-    config; put both back for the modules that follow (a cluster they start reads the environment,
-    and a process whose cached mode differs from its cluster's cannot schedule actors there)."""
-    from ray._raylet import Config
-
+    """``ray.init`` sets RAY_AUTH_MODE in os.environ; put it back for the modules that follow."""
     saved = {name: os.environ.get(name) for name in names}
     try:
         yield
@@ -86,7 +82,6 @@ def restored_env(names: Sequence[str] = ("RAY_AUTH_MODE", "RAY_ADDRESS")) -> Ite
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        Config.initialize("")  # re-read the restored environment, as ray.init does after setting it
 
 
 def fault_during(runner: Any, iteration: int, meta_batch: int, fault: Callable[[list], None]) -> None:
