@@ -280,7 +280,8 @@ def test_checkpoints_of_other_server_methods(small_support, omniglot_dataset, tm
     with pytest.raises(ClientError, match="method 'student' and has no teacher; adapt with --method student"):
         adapt(student_only, small_support, tmp_path / "a")
     assert adapt(student_only, small_support, tmp_path / "b", method="student", steps=1)["teacher"] is None
-    fixed = write_untrained_checkpoint(tmp_path / "f.pt", omniglot_dataset, method="fixed-teacher")
+    fixed = write_untrained_checkpoint(tmp_path / "f.pt", omniglot_dataset, method="fixed-teacher",
+                                       allow_random_teacher=True)
     assert adapt(fixed, small_support, tmp_path / "c", steps=1)["teacher"]["adapted"] is False
     oracle = write_untrained_checkpoint(tmp_path / "o.pt", omniglot_dataset, method="oracle")
     with pytest.raises(ClientError, match="method 'oracle' and has no student"):

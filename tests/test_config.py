@@ -1,5 +1,6 @@
 """The one Config: YAML, command line, validation."""
 import argparse
+from dataclasses import fields
 
 import pytest
 
@@ -48,8 +49,39 @@ def test_unknown_yaml_key_is_named(tmp_path):
 
 
 def test_method_properties():
-    assert Config(method="fixed-teacher").resolved_kd_loss == "rkd"
+    fixed = Config(method="fixed-teacher", teacher_init="teacher.pt")
+    assert fixed.resolved_kd_loss == "rkd"
     assert Config(method="tsmd").resolved_kd_loss == "kl"
-    assert not Config(method="fixed-teacher").adapts_teacher
+    assert not fixed.adapts_teacher
     assert not Config(method="student").has_teacher
     assert not Config(method="oracle").has_student
+
+
+def test_fixed_teacher_needs_trained_weights_and_rkd():
+    with pytest.raises(ValueError, match="--teacher-init"):
+        Config(method="fixed-teacher")
+    with pytest.raises(ValueError, match="kd_loss=kl"):
+        Config(method="fixed-teacher", teacher_weights="w.pt", kd_loss="kl")
+    assert Config(method="fixed-teacher", allow_random_teacher=True).resolved_kd_loss == "rkd"
+
+
+def test_paper_defaults_are_marked_in_help():
+    cfg = Config()
+    assert (cfg.beta, cfg.eta, cfg.inner_steps, cfg.test_episodes) == (1e-5, 1e-3, 5, 800)
+    helps = {f.name: f.metadata["help"] for f in fields(Config)}
+    assert "[paper: 1e-5]" in helps["beta"] and "[ours" in helps["alpha"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--no-mlflow"], False), (["--mlflow", "false"], False), (["--mlflow"], True), ([], True)])
+def test_boolean_flags_in_both_forms(argv, expected):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert config_from_args(parser.parse_args(argv)).mlflow is expected
+
+
+def test_negated_flag_takes_no_value():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--no-augment", "true"])

@@ -10,7 +10,7 @@ from tsmd_ray.reproduce import expand, finished, load_grid, main, markdown_table
 
 TINY_BASE = dict(dataset="omniglot", teacher="conv4", teacher_widths=[8, 8, 8, 8], student_widths=[4, 4, 4, 4],
                  iterations=2, meta_batch=2, inner_steps=1, query=2, eval_every=0, test_episodes=6, mlflow=False,
-                 checkpoint_every=1)
+                 checkpoint_every=1, allow_random_teacher=True)
 
 
 def write_grid(path, dataset, backend="local", methods=("student", "tsmd"), **base):
@@ -24,7 +24,7 @@ def write_grid(path, dataset, backend="local", methods=("student", "tsmd"), **ba
 
 def test_grid_expands_settings_by_methods(tmp_path):
     grid_path = tmp_path / "g.yaml"
-    grid_path.write_text(yaml.safe_dump({"base": {"iterations": 3}, "settings": [
+    grid_path.write_text(yaml.safe_dump({"base": {"iterations": 3, "allow_random_teacher": True}, "settings": [
         {"ways": 5, "shots": 1}, {"label": "20w5s", "ways": 20, "shots": 5}],
         "method_overrides": {"fixed-teacher": {"kd_loss": "rkd"}}}))
     grid = load_grid(grid_path)

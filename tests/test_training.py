@@ -66,7 +66,7 @@ def test_evaluate_cli_prints_ci_and_json(student_run, tmp_path):
 
 
 def test_fixed_teacher_is_never_updated(tmp_path, omniglot_dataset):
-    cfg = tiny(tmp_path, omniglot_dataset, method="fixed-teacher", iterations=2, test_episodes=4)
+    cfg = tiny(tmp_path, omniglot_dataset, method="fixed-teacher", allow_random_teacher=True, iterations=2, test_episodes=4)
     run(cfg)
     trained = load_checkpoint(tmp_path / "checkpoint.pt")["learner"]["psi"]
     from tsmd_ray.engine import DataSpec, build_models

@@ -67,8 +67,8 @@ def load_server_checkpoint(path: str | Path) -> tuple[Config, dict[str, Any]]:
     data = payload.get("data") or {}
     if not data.get("preprocess") or "learner" not in payload:
         raise CheckpointError(f"checkpoint {path} has no learner weights or no preprocessing settings")
-    try:  # the server's local files (pretrained weights, teacher init) are in psi already
-        cfg = Config.from_dict({**payload["config"], "teacher_weights": None, "teacher_init": None, "resume": False})
+    try:
+        cfg = Config.from_checkpoint(payload["config"])
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} has a configuration this version cannot read: {exc}") from exc
     if int(data["preprocess"]["channels"]) != int(data["in_channels"]):

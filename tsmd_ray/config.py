@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ META_ALGORITHMS = ("maml", "reptile")
 KD_LOSSES = ("auto", "kl", "rkd")
 TASK_BATCHING = ("auto", "vmap", "loop")
 DTYPES = ("float32", "float64")
+BATCH_NORM = ("support", "transductive")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -51,36 +53,42 @@ class Config:
     student_widths: list[int] = _opt((32, 32, 32, 32), "student Conv-4 widths")
     teacher_weights: str | None = _opt(None, "local torchvision weights file for the teacher body")
     teacher_init: str | None = _opt(None, "pretrained teacher checkpoint to initialise psi")
+    allow_random_teacher: bool = _opt(False, "let a fixed teacher start from random weights (tests only; "
+                                      "a fixed teacher needs --teacher-init or --teacher-weights)")
     # task
     ways: int = _opt(5, "N classes per task")
     shots: int = _opt(1, "K support images per class")
     query: int = _opt(15, "query images per class")
     # inner loop (Eq. 6, 7)
-    inner_steps: int = _opt(5, "inner gradient steps k while meta-training")
+    inner_steps: int = _opt(5, "inner gradient steps k while meta-training [paper: 5]")
     eval_inner_steps: int | None = _opt(None, "inner steps at meta-test (default: inner_steps)")
-    alpha: float = _opt(0.1, "teacher inner learning rate (Eq. 6)")
-    lam: float = _opt(0.1, "student inner learning rate (Eq. 7)")
+    alpha: float = _opt(0.1, "teacher inner learning rate (Eq. 6) [ours: the paper does not state it]")
+    lam: float = _opt(0.1, "student inner learning rate (Eq. 7) [ours: the paper does not state it]")
     first_order_teacher: bool = _opt(False, "first-order meta-gradient for the teacher")
     first_order_student: bool = _opt(False, "first-order meta-gradient for the student")
     # knowledge distillation
-    kd_loss: str = _opt("auto", "auto (kl for an adapted teacher, rkd for a fixed one) | kl | rkd",
+    kd_loss: str = _opt("auto", "auto (kl for an adapted teacher, rkd for a fixed one [paper]) | kl | rkd",
                         choices=KD_LOSSES)
-    kd_weight: float = _opt(1.0, "weight of L_KD in Eq. 7")
-    kd_temperature: float = _opt(4.0, "temperature of the KL loss")
+    kd_weight: float = _opt(1.0, "weight of L_KD in Eq. 7 [ours: the paper adds L_KD unweighted]")
+    kd_temperature: float = _opt(4.0, "temperature of the KL loss [ours: Hinton et al.'s usual value]")
     rkd_distance_weight: float = _opt(25.0, "RKD distance term weight (Park et al.)")
     rkd_angle_weight: float = _opt(50.0, "RKD angle term weight (Park et al.)")
     learn_to_teach: bool = _opt(False, "beyond the paper: the student's query loss also trains psi")
     # outer loop (Eq. 10)
-    beta: float = _opt(1e-3, "teacher outer learning rate (Adam, Eq. 10a)")
-    eta: float = _opt(1e-3, "student outer learning rate (Adam, Eq. 10b)")
-    meta_batch: int = _opt(8, "tasks per meta-iteration")
-    iterations: int = _opt(300, "meta-iterations")
-    augment: bool = _opt(True, "meta-training augmentation (crop, flip, colour jitter)")
+    beta: float = _opt(1e-5, "teacher outer learning rate (Adam, Eq. 10a) [paper: 1e-5]")
+    eta: float = _opt(1e-3, "student outer learning rate (Adam, Eq. 10b) [paper: 1e-3]")
+    meta_batch: int = _opt(8, "tasks per meta-iteration [ours]")
+    iterations: int = _opt(300, "meta-iterations [ours]")
+    augment: bool = _opt(True, "meta-training augmentation: crop, flip, colour jitter [paper]")
     seed: int = _opt(0, "seed of initial weights and of every task")
     # evaluation
     eval_every: int = _opt(100, "meta-validate every this many iterations (0: never)")
     val_episodes: int = _opt(100, "meta-validation episodes")
-    test_episodes: int = _opt(800, "meta-test episodes (paper protocol: 800)")
+    test_episodes: int = _opt(800, "meta-test episodes [paper: 800]")
+    batch_norm: str = _opt("support", "statistics that normalise query images: support (the adapted weights' "
+                           "statistics on the support set, as the deployed student uses; MetaBN) | "
+                           "transductive (the query batch's own, as in MAML's reference code)",
+                           choices=BATCH_NORM)
     # numerics and devices
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = _opt("float32", "precision of the meta-gradient path", choices=DTYPES)
@@ -102,6 +110,9 @@ class Config:
     # tracking
     mlflow: bool = _opt(True, "log to MLflow ($MLFLOW_TRACKING_URI or a local SQLite store)")
     experiment: str = _opt("tsmd-ray", "MLflow experiment name")
+    run_name: str | None = _opt(None, "MLflow run name (default: method, dataset, task and a config digest)")
+    system_metrics: bool = _opt(True, "log MLflow system metrics (CPU, memory, GPU) during training")
+    profile: str | None = _opt(None, "the preset this configuration came from (set by make train)")
 
     def __post_init__(self) -> None:
         self.student_widths = list(self.student_widths)
@@ -162,11 +173,23 @@ class Config:
             raise ValueError(f"threads_per_worker must be at least 1, got {self.threads_per_worker}")
         if self.meta_algorithm == "reptile" and self.inner_steps < 1:
             raise ValueError("reptile needs inner_steps >= 1")
+        self._validate_teacher()
         if self.aggregation == "allreduce" and self.backend != "ray":
             raise ValueError(f"aggregation=allreduce needs backend=ray, got backend={self.backend!r}")
         if self.aggregation == "allreduce" and self.workers > self.meta_batch:
             raise ValueError(f"aggregation=allreduce needs workers <= meta_batch (every worker takes at least "
                              f"one task), got workers={self.workers}, meta_batch={self.meta_batch}")
+
+    def _validate_teacher(self) -> None:
+        """A fixed teacher is never trained here: its body must come from somewhere, its head is random."""
+        if self.method != "fixed-teacher":
+            return
+        if not (self.teacher_init or self.teacher_weights or self.allow_random_teacher):
+            raise ValueError("method=fixed-teacher needs a trained teacher: pass --teacher-init (a "
+                             "tsmd_ray.pretrain checkpoint) or --teacher-weights (a torchvision weights file)")
+        if self.resolved_kd_loss == "kl":
+            raise ValueError("kd_loss=kl with method=fixed-teacher distils from a head that is never trained "
+                             "(its N-way head is random); use kd_loss rkd or method tsmd")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +204,13 @@ class Config:
         if unknown:
             raise ValueError(f"unknown configuration key(s): {', '.join(unknown)}")
         return cls(**data)
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any], **overrides: Any) -> "Config":
+        """The config stored in a checkpoint, for loading its weights: the server's local weight files
+        are dropped (psi is in the checkpoint) and nothing resumes."""
+        return cls.from_dict({**data, "teacher_weights": None, "teacher_init": None, "allow_random_teacher": True,
+                              "resume": False, **overrides})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
@@ -213,13 +243,35 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class BoolFlag(argparse.BooleanOptionalAction):
+    """``--flag`` / ``--no-flag`` as users type them, and ``--flag false`` as YAML-minded users do."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.nargs = "?"
+        self.metavar = "BOOL"
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        negated = option_string.startswith("--no-")
+        if negated and values is not None:
+            parser.error(f"{option_string} takes no value")
+        try:
+            value = True if values is None else _parse_bool(values)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument {option_string}: {exc}")
+        setattr(namespace, self.dest, value != negated)
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
 def _field_kwargs(f: dataclasses.Field) -> dict[str, Any]:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
     if "list[int]" in kind:
         kwargs.update(type=int, nargs="+")
     elif kind.startswith("bool"):
-        kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        kwargs["action"] = BoolFlag
     elif kind.startswith("int"):
         kwargs["type"] = int
     elif kind.startswith("float"):

@@ -25,8 +25,7 @@ log = logging.getLogger("tsmd_ray.evaluate")
 def evaluate_checkpoint(path: str, episodes: int = 800, split: str = "test", **overrides: Any) -> dict[str, Any]:
     """Evaluation of the checkpoint at ``path``; ``overrides`` replace config values (e.g. data_root)."""
     payload = load_checkpoint(path)
-    cfg = Config.from_dict({**payload["config"], "resume": False,
-                            **{k: v for k, v in overrides.items() if v is not None}})
+    cfg = Config.from_checkpoint(payload["config"], **{k: v for k, v in overrides.items() if v is not None})
     spec = DataSpec(payload["data"]["in_channels"], payload["data"]["image_size"])
     learner = MetaLearner(cfg, spec)
     learner.load_state_dict(payload["learner"])

@@ -288,7 +288,7 @@ def log_models_from_checkpoint(run_id: str, checkpoint: str | Path, uri: str) ->
     from .engine import DataSpec, MetaLearner
 
     payload = load_checkpoint(checkpoint)
-    cfg = Config.from_dict({**payload["config"], "resume": False, "teacher_weights": None, "teacher_init": None})
+    cfg = Config.from_checkpoint(payload["config"])
     data = payload["data"]
     learner = MetaLearner(cfg, DataSpec(int(data["in_channels"]), int(data["image_size"])))
     learner.load_state_dict(payload["learner"])
