@@ -80,7 +80,7 @@ def build_objective(cfg: Config, teacher: nn.Module | None, student: nn.Module |
                              first_order_teacher=cfg.first_order_teacher,
                              first_order_student=cfg.first_order_student,
                              kd_weight=cfg.kd_weight if cfg.method in ("tsmd", "fixed-teacher") else 0.0,
-                             learn_to_teach=cfg.learn_to_teach)
+                             learn_to_teach=cfg.learn_to_teach, query_statistics=cfg.batch_norm)
     kd_loss = make_kd_loss(cfg.resolved_kd_loss, temperature=cfg.kd_temperature,
                            distance_weight=cfg.rkd_distance_weight, angle_weight=cfg.rkd_angle_weight)
     use_vmap = cfg.task_batching == "vmap" or (cfg.task_batching == "auto" and device.type == "cuda")

@@ -58,3 +58,25 @@ def test_fixed_torchvision_teacher_loads_local_weights(tmp_path):
     assert isinstance(teacher.body.bn1, nn.BatchNorm2d), "a fixed teacher keeps its running statistics"
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         build_model("resnet18", 5, 3, 32, weights=tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_statistics_from_first_rows_normalise_the_rest(fused):
+    """Inside ``statistics_from_first(n)`` the whole batch is normalised with the first n rows'
+    statistics (the fused kernel, which can only use the whole batch, steps aside)."""
+    from tsmd_ray.models import statistics_from_first
+
+    bn = TaskBatchNorm2d(3).double()
+    bn.fused = fused
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+    support, query = torch.randn(4, 3, 5, 5, dtype=torch.float64), 3 + torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    mean = support.mean(dim=(0, 2, 3), keepdim=True)
+    var = support.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    expected = (query - mean) / (var + bn.eps).sqrt() * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    with statistics_from_first(4):
+        out = bn(torch.cat([support, query]))
+    torch.testing.assert_close(out[4:], expected)
+    torch.testing.assert_close(out[:4], bn(support))
+    assert not torch.allclose(bn(query), expected), "outside the block the query's own statistics apply"

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
+from ..models import statistics_from_first
 from .functional import Outputs, Params, accuracy, cross_entropy, forward
 from .kd import KDLoss
 from .maml import inner_loop
@@ -28,6 +31,7 @@ class InnerSettings:
     kd_weight: float = 1.0
     learn_to_teach: bool = False  # beyond the paper: let L_S(theta') reach psi through L_KD
     vectorized: bool = False  # run_task is called under torch.func.vmap
+    query_statistics: str = "support"  # batch-norm statistics for the query: support | transductive
 
 
 def adapt_teacher(teacher: nn.Module, psi: Params, x: Tensor, y: Tensor, s: InnerSettings) -> Params:
@@ -49,13 +53,29 @@ def adapt_student(student: nn.Module, theta: Params, x: Tensor, y: Tensor,
     return inner_loop(loss, theta, s.steps, s.lam, s.first_order_student, s.vectorized)
 
 
+def query_logits(model: nn.Module, params: Params, support_x: Tensor, query_x: Tensor,
+                 statistics: str = "support") -> Tensor:
+    """Logits of the query images under adapted weights ``params`` (Eq. 8).
+
+    ``support``: batch norm uses the statistics of the support set under ``params``, exactly as
+    the deployed model does (each query image is classified on its own). ``transductive``: the
+    query batch's own statistics, as in MAML's reference code (the paper rejects that setting).
+    """
+    if statistics == "transductive":
+        return functional_call(model, params, (query_x,))
+    rows = support_x.shape[0]
+    with statistics_from_first(rows):
+        return functional_call(model, params, (torch.cat([support_x, query_x]),))[rows:]
+
+
 def run_task(teacher: nn.Module | None, student: nn.Module | None, kd_loss: KDLoss,
              s: InnerSettings, psi: Params, theta: Params, support_x: Tensor, support_y: Tensor,
              query_x: Tensor, query_y: Tensor) -> tuple[dict[str, Tensor], Params, Params]:
     """Adapt teacher then student on the support set and score both on the query set (Eq. 8).
 
     Returns query metrics (``teacher/loss``, ``teacher/acc``, ``student/loss``, ``student/acc``
-    for the models present) and the adapted weights (psi'_i, theta'_i).
+    for the models present; none for a fixed teacher, whose N-way head is never trained) and the
+    adapted weights (psi'_i, theta'_i).
     """
     metrics: dict[str, Tensor] = {}
     psi_task, theta_task = psi, theta
@@ -63,16 +83,16 @@ def run_task(teacher: nn.Module | None, student: nn.Module | None, kd_loss: KDLo
     if teacher is not None:
         if s.adapt_teacher:
             psi_task = adapt_teacher(teacher, psi, support_x, support_y, s)
-        logits = forward(teacher, psi_task, query_x).logits
-        metrics["teacher/loss"] = F.cross_entropy(logits, query_y)  # Eq. 8a
-        metrics["teacher/acc"] = accuracy(logits.detach(), query_y)
+            logits = query_logits(teacher, psi_task, support_x, query_x, s.query_statistics)
+            metrics["teacher/loss"] = F.cross_entropy(logits, query_y)  # Eq. 8a
+            metrics["teacher/acc"] = accuracy(logits.detach(), query_y)
         if student is not None and s.kd_weight > 0:
             teacher_support = forward(teacher, psi_task, support_x)
             if not s.learn_to_teach:  # Eq. 10a: psi is trained by the teacher's query loss alone
                 teacher_support = Outputs(*(t.detach() for t in teacher_support))
     if student is not None:
         theta_task = adapt_student(student, theta, support_x, support_y, teacher_support, kd_loss, s)
-        logits = forward(student, theta_task, query_x).logits
+        logits = query_logits(student, theta_task, support_x, query_x, s.query_statistics)
         metrics["student/loss"] = F.cross_entropy(logits, query_y)  # Eq. 8b
         metrics["student/acc"] = accuracy(logits.detach(), query_y)
     return metrics, psi_task, theta_task

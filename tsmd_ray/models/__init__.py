@@ -8,14 +8,15 @@ from pathlib import Path
 from torch import nn
 
 from .conv4 import Conv4
-from .layers import TaskBatchNorm2d, replace_batchnorm, use_fused_batchnorm
+from .layers import TaskBatchNorm2d, replace_batchnorm, statistics_from_first, use_fused_batchnorm
 from .resnet12 import ResNet12
 from .torchvision_models import TorchvisionClassifier, load_state_dict
 
 NATIVE_MODELS = {"conv4": Conv4, "resnet12": ResNet12}
 
 __all__ = ["Conv4", "ResNet12", "TorchvisionClassifier", "TaskBatchNorm2d", "build_model",
-           "load_state_dict", "replace_batchnorm", "use_fused_batchnorm", "NATIVE_MODELS"]
+           "load_state_dict", "replace_batchnorm", "statistics_from_first", "use_fused_batchnorm",
+           "NATIVE_MODELS"]
 
 
 def build_model(name: str, ways: int, in_channels: int, image_size: int,

@@ -1,21 +1,40 @@
 """Layers that stay correct under ``torch.func`` transforms."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+_STATISTICS_ROWS: ContextVar[int | None] = ContextVar("batch_norm_statistics_rows", default=None)
+
+
+@contextmanager
+def statistics_from_first(rows: int) -> Iterator[None]:
+    """Inside this block every :class:`TaskBatchNorm2d` normalises its whole batch with the
+    statistics of the batch's first ``rows`` examples (the support set placed before the query)."""
+    token = _STATISTICS_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _STATISTICS_ROWS.reset(token)
 
 
 class TaskBatchNorm2d(nn.Module):
     """Batch normalisation with per-task batch statistics and no running buffers.
 
     Written from primitive ops because ``nn.BatchNorm2d`` gives wrong second-order
-    meta-gradients under ``torch.func.vmap`` (functorch issue 534). As in MAML, statistics
-    always come from the batch being normalised: the support set while adapting, the query
-    set while scoring. Nothing is shared across tasks.
+    meta-gradients under ``torch.func.vmap`` (functorch issue 534). As in MAML, statistics come
+    from the batch being normalised, or, inside :func:`statistics_from_first`, from its first
+    rows only (support-set statistics for the query: MetaBN, Bronskill et al. 2020). Nothing is
+    shared across tasks.
 
-    ``fused = True`` computes the same thing with PyTorch's fused kernel: faster and exact per
-    task, but wrong under ``vmap``, so only the per-task loop turns it on
+    ``fused = True`` computes whole-batch statistics with PyTorch's fused kernel: faster and exact
+    per task, but wrong under ``vmap``, so only the per-task loop turns it on
     (:func:`use_fused_batchnorm`).
     """
 
@@ -27,10 +46,12 @@ class TaskBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        rows = _STATISTICS_ROWS.get()
+        if self.fused and rows is None:
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        var = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
+        stats = x if rows is None else x[:rows]
+        mean = stats.mean(dim=(0, 2, 3), keepdim=True)
+        var = (stats - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
         x_hat = (x - mean) * torch.rsqrt(var + self.eps)
         return x_hat * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
