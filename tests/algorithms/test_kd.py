@@ -41,3 +41,26 @@ def test_registry_binds_only_accepted_settings():
     logits = torch.randn(3, 4)
     torch.testing.assert_close(loss(_out(logits), _out(logits.flip(1))),
                                hinton_kl(_out(logits), _out(logits.flip(1)), temperature=1.0))
+
+
+def _finite_to_second_order(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    e = student.clone().requires_grad_()
+    loss = relational_kd(_out(embedding=e), _out(embedding=teacher))
+    (grad,) = torch.autograd.grad(loss, e, create_graph=True)
+    (second,) = torch.autograd.grad(grad.pow(2).sum(), e)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and torch.isfinite(second).all()
+
+
+def test_rkd_is_finite_to_second_order_with_duplicated_embeddings():
+    e = torch.randn(6, 4, dtype=torch.float64)
+    e[3] = e[1]  # two identical images give identical embeddings
+    t = torch.randn(6, 8, dtype=torch.float64)
+    t[5] = t[0]
+    _finite_to_second_order(e, t)
+    _finite_to_second_order(t[:, :4].clone(), e)
+
+
+def test_rkd_is_finite_to_second_order_with_all_zero_embeddings():
+    zeros = torch.zeros(5, 3)  # a narrow ReLU student whose units are all dead
+    _finite_to_second_order(zeros, torch.randn(5, 7))
+    _finite_to_second_order(torch.randn(5, 3), torch.zeros(5, 7))

@@ -25,25 +25,27 @@ def hinton_kl(student: Outputs, teacher: Outputs, temperature: float = 4.0) -> T
     return kl * temperature ** 2
 
 
+EPS = 1e-12  # floor of squared distances and of the mean distance (Park et al. clamp likewise)
+
+
 def _pairwise(e: Tensor) -> tuple[Tensor, Tensor]:
-    """Differences ``e_j - e_i`` and their norms, with a zero diagonal that stays differentiable
-    to second order (a plain norm has a NaN second derivative at zero)."""
+    """Differences ``e_j - e_i`` and their norms. Squared norms are clamped below at ``EPS`` before the
+    square root, so coinciding embeddings (duplicate images, dead ReLUs) and the zero diagonal give
+    finite first and second derivatives where a plain norm gives NaN."""
     diff = e.unsqueeze(0) - e.unsqueeze(1)
-    eye = torch.eye(e.shape[0], dtype=e.dtype, device=e.device)
-    norm = (diff.pow(2).sum(-1) + eye).sqrt() * (1.0 - eye)
-    return diff, norm
+    return diff, diff.pow(2).sum(-1).clamp_min(EPS).sqrt()
 
 
 def _normalised_distances(e: Tensor) -> Tensor:
-    _, dist = _pairwise(e)
+    _, norm = _pairwise(e)
     n = e.shape[0]
-    return dist / (dist.sum() / (n * n - n))
+    dist = norm * (1.0 - torch.eye(n, dtype=e.dtype, device=e.device))
+    return dist / (dist.sum() / (n * n - n)).clamp_min(EPS)
 
 
 def _angles(e: Tensor) -> Tensor:
     diff, norm = _pairwise(e)
-    eye = torch.eye(e.shape[0], dtype=e.dtype, device=e.device)
-    unit = diff / (norm + eye).unsqueeze(-1)
+    unit = diff / norm.unsqueeze(-1)  # 0 where two embeddings coincide
     return torch.bmm(unit, unit.transpose(1, 2)).flatten()
 
 
