@@ -286,3 +286,44 @@ def test_checkpoints_of_other_server_methods(small_support, omniglot_dataset, tm
     oracle = write_untrained_checkpoint(tmp_path / "o.pt", omniglot_dataset, method="oracle")
     with pytest.raises(ClientError, match="method 'oracle' and has no student"):
         adapt(oracle, small_support, tmp_path / "d")
+
+
+# ------------------------------------------------------------------------------- evaluation = deployment
+
+
+def _write_png(x: torch.Tensor, preprocess: dict, path: Path) -> None:
+    """Undo ``normalise`` (and the dataset's inversion) so that ``load_images`` gives ``x`` back."""
+    mean = torch.tensor(preprocess["mean"]).view(-1, 1, 1)
+    std = torch.tensor(preprocess["std"]).view(-1, 1, 1)
+    array = ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    if preprocess.get("invert", False):
+        array = 255 - array
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+
+
+def test_evaluation_equals_deployment_image_by_image(server_checkpoint, omniglot_dataset, tmp_path):
+    """On the same seeded test episodes, ``evaluate``'s student accuracy is the accuracy of the
+    student that ``adapt`` exports and ``predict`` runs: evaluation measures the deployed model."""
+    from tsmd_ray.data import ArrowFewShotDataset, EpisodeSampler
+    from tsmd_ray.evaluate import evaluate_checkpoint
+
+    episodes = 4
+    evaluated = evaluate_checkpoint(str(server_checkpoint), episodes=episodes, split="test")
+    per_episode = evaluated["results"]["student"]["per_episode"]
+    cfg, _ = load_server_checkpoint(server_checkpoint)
+    dataset = ArrowFewShotDataset(omniglot_dataset)
+    sampler = EpisodeSampler(dataset, "test", cfg.ways, cfg.shots, cfg.query, cfg.seed)
+    for task in range(episodes):
+        episode = sampler.sample(task)
+        root = tmp_path / f"episode{task}"
+        for i, (x, y) in enumerate(zip(episode.support_x, episode.support_y)):
+            _write_png(x, dataset.preprocess, root / "support" / f"class{int(y)}" / f"{i}.png")
+        files = [root / "query" / f"{i}.png" for i in range(len(episode.query_y))]
+        for x, path in zip(episode.query_x, files):
+            _write_png(x, dataset.preprocess, path)
+        torch.testing.assert_close(load_images(files, dataset.preprocess), episode.query_x, rtol=0, atol=1e-6)
+        adapt(server_checkpoint, root / "support", root / "student", method="tsmd", device="cpu")
+        predicted = [int(r["class"].removeprefix("class")) for r in AdaptedModel.load(root / "student").predict(files)]
+        correct = sum(p == int(y) for p, y in zip(predicted, episode.query_y))
+        assert correct == round(per_episode[task] * len(files)), (task, predicted, episode.query_y.tolist())

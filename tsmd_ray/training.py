@@ -69,10 +69,14 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(t.mean()), "ci95": 1.96 * std / math.sqrt(len(values)), "episodes": len(values)}
 
 
-def evaluate(runner: Runner, weights: Weights, split: str, episodes: int) -> dict[str, dict[str, float]]:
-    """Meta-test: adapt on each of ``episodes`` seeded episodes, score the query sets."""
+def evaluate(runner: Runner, weights: Weights, split: str, episodes: int) -> dict[str, dict[str, Any]]:
+    """Meta-test: adapt on each of ``episodes`` seeded episodes, score the query sets.
+
+    Per model: mean, 95% CI, episode count and the per-episode accuracies (episode i is the same
+    seeded task for every method, so two runs can be compared episode by episode).
+    """
     per_episode = runner.evaluate(weights, split, list(range(episodes)))
-    return {name.replace("/acc", ""): summarise(values)
+    return {name.replace("/acc", ""): {**summarise(values), "per_episode": list(values)}
             for name, values in per_episode.items() if name.endswith("/acc")}
 
 
