@@ -12,9 +12,11 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
+# --no-compile: no .pyc for all of torch, ray and mlflow up front (about a minute on 2 cores);
+# Python writes them for the modules it imports, when it first imports them.
+"$VENV/bin/python" -m pip install -q --no-compile --upgrade pip wheel setuptools
 # torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1).
-"$VENV/bin/python" -m pip install -q -e '.[dev]'
+"$VENV/bin/python" -m pip install -q --no-compile -e '.[dev]'
 scripts/build_learn2learn.sh "$VENV"
 echo "$HASH" > "$STAMP"
 echo "bootstrap: $VENV ready"
