@@ -115,3 +115,23 @@ def test_train_cli_names_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tsmd_ray.train", "--backend", "local", "--data-root",
                            str(tmp_path / "nowhere"), "--mlflow", "false"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--data-root" in proc.stderr
+
+
+def test_early_stopping_tests_the_best_validated_weights(tmp_path, omniglot_dataset):
+    """patience=1: training stops at the first validation that does not beat the best one, and the
+    test uses best.pt's weights (an absurd outer rate makes validation accuracy bounce early)."""
+    cfg = tiny(tmp_path, omniglot_dataset, method="student", iterations=30, eval_every=2, val_episodes=8,
+               patience=1, test_episodes=8, eta=0.5, checkpoint_every=100)
+    result = run(cfg)
+    curve = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validations = [(m["step"], m["val/student_acc"]) for m in curve if "val/student_acc" in m]
+    best_step, best = max(validations, key=lambda v: v[1])
+    assert len(validations) < 15, "stopped before the last iteration"
+    assert validations[-1][1] <= best and validations[-2][1] == best
+    assert result["tested_iteration"] == best_step
+    best_payload = load_checkpoint(tmp_path / "best.pt")
+    assert best_payload["iteration"] + 1 == best_step
+    from tsmd_ray.evaluate import evaluate_checkpoint
+
+    again = evaluate_checkpoint(str(tmp_path / "best.pt"), episodes=8, split="test")
+    assert again["results"]["student"]["per_episode"] == result["results"]["student"]["per_episode"]

@@ -84,6 +84,9 @@ class Config:
     # evaluation
     eval_every: int = _opt(100, "meta-validate every this many iterations (0: never)")
     val_episodes: int = _opt(100, "meta-validation episodes")
+    patience: int = _opt(0, "early stopping: stop after this many meta-validations without a higher student "
+                         "(oracle: teacher) accuracy and test the best-validated weights, kept in best.pt "
+                         "(0: train every iteration, test the last weights)")
     test_episodes: int = _opt(800, "meta-test episodes [paper: 800]")
     batch_norm: str = _opt("support", "statistics that normalise query images: support (the adapted weights' "
                            "statistics on the support set, as the deployed student uses; MetaBN) | "
@@ -156,7 +159,8 @@ class Config:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.ways < 2:
             raise ValueError(f"ways must be at least 2 for classification, got {self.ways}")
-        for name in ("inner_steps", "eval_every", "val_episodes", "checkpoint_every", "workers", "vmap_chunk"):
+        for name in ("inner_steps", "eval_every", "val_episodes", "checkpoint_every", "workers", "vmap_chunk",
+                     "patience"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be zero or positive, got {getattr(self, name)}")
         if self.eval_inner_steps is not None and self.eval_inner_steps < 0:
@@ -173,6 +177,8 @@ class Config:
             raise ValueError(f"threads_per_worker must be at least 1, got {self.threads_per_worker}")
         if self.meta_algorithm == "reptile" and self.inner_steps < 1:
             raise ValueError("reptile needs inner_steps >= 1")
+        if self.patience and not (self.eval_every and self.val_episodes):
+            raise ValueError(f"patience={self.patience} needs meta-validation: set eval_every and val_episodes above 0")
         self._validate_teacher()
         if self.aggregation == "allreduce" and self.backend != "ray":
             raise ValueError(f"aggregation=allreduce needs backend=ray, got backend={self.backend!r}")

@@ -6,11 +6,13 @@ the outer update, validates, checkpoints and reports metrics.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +27,7 @@ from .engine import DataSpec, MetaLearner, TaskWorker, Weights
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"  # with early stopping: the weights of the best meta-validation, what is tested
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,6 +94,35 @@ def _check_finite(iteration: int, grads: Weights, metrics: dict[str, float], las
                                  f"stopping, {kept}. Lower the learning rates (alpha, lam, beta, eta).")
 
 
+@dataclass
+class EarlyStopping:
+    """Stops after ``patience`` meta-validations without a higher ``metric`` and keeps the best weights."""
+
+    metric: str
+    patience: int
+    best: float = -math.inf
+    best_iteration: int | None = None
+    stale: int = 0
+    best_state: dict[str, Any] | None = field(default=None, repr=False)
+
+    def update(self, iteration: int, metrics: dict[str, float], state: dict[str, Any]) -> bool:
+        """Record a validation; True when training should stop."""
+        if metrics[self.metric] > self.best:
+            self.best, self.best_iteration, self.stale = metrics[self.metric], iteration, 0
+            self.best_state = copy.deepcopy(state)
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "best": self.best, "best_iteration": self.best_iteration,
+                "stale": self.stale, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_iteration = state["best"], state["best_iteration"]
+        self.stale, self.best_state = state["stale"], state["best_state"]
+
+
 class Trainer:
     """Algorithm 1 over a runner; writes ``checkpoint.pt``, ``metrics.jsonl`` and ``evaluation.json``.
 
@@ -108,6 +140,8 @@ class Trainer:
         self.spec = spec
         self.start = 0
         self.last_checkpoint: int | None = None
+        self.stopping = EarlyStopping(f"val/{'student' if cfg.has_student else 'teacher'}_acc", cfg.patience) \
+            if cfg.patience else None
         if cfg.resume and (self.out / CHECKPOINT_NAME).is_file():
             self.restore(load_checkpoint(self.out / CHECKPOINT_NAME), self.out / CHECKPOINT_NAME)
 
@@ -116,13 +150,19 @@ class Trainer:
         self.learner.load_state_dict(payload["learner"])
         self.start = payload["iteration"] + 1
         self.last_checkpoint = payload["iteration"]
+        if self.stopping is not None and payload.get("early_stopping"):
+            self.stopping.load_state_dict(payload["early_stopping"])
         log.info("resumed from %s at iteration %d", source, self.start)
 
-    def checkpoint_payload(self, iteration: int) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "iteration": iteration, "learner": self.learner.state_dict(),
-                "data": {"in_channels": self.spec.in_channels, "image_size": self.spec.image_size,
-                         "preprocess": self.data_meta.get("preprocess", {}),
-                         "dataset": self.data_meta.get("name", self.cfg.dataset)}}
+    def checkpoint_payload(self, iteration: int, learner: dict[str, Any] | None = None) -> dict[str, Any]:
+        payload = {"config": self.cfg.to_dict(), "iteration": iteration,
+                   "learner": learner if learner is not None else self.learner.state_dict(),
+                   "data": {"in_channels": self.spec.in_channels, "image_size": self.spec.image_size,
+                            "preprocess": self.data_meta.get("preprocess", {}),
+                            "dataset": self.data_meta.get("name", self.cfg.dataset)}}
+        if self.stopping is not None and learner is None:
+            payload["early_stopping"] = self.stopping.state_dict()
+        return payload
 
     def save(self, iteration: int) -> Path:
         path = self.out / CHECKPOINT_NAME
@@ -163,20 +203,42 @@ class Trainer:
                    disable=not self.primary)
         for iteration in bar:
             metrics = self.step(iteration)
+            stop = False
             if self.cfg.eval_every and (iteration + 1) % self.cfg.eval_every == 0:
                 metrics.update(self.validate())
+                stop = self._early_stop(iteration, metrics)
             self._report(iteration + 1, metrics)
             bar.set_postfix({k.split("/", 1)[1]: round(v, 3) for k, v in metrics.items() if k.endswith("acc")})
-            if (iteration + 1) % self.cfg.checkpoint_every == 0 or iteration + 1 == self.cfg.iterations:
+            if stop or (iteration + 1) % self.cfg.checkpoint_every == 0 or iteration + 1 == self.cfg.iterations:
                 self.save(iteration)
+            if stop:
+                log.info("%s has not risen for %d validations: stopping at iteration %d, testing the weights "
+                         "of iteration %d", self.stopping.metric, self.stopping.patience, iteration + 1,
+                         self.stopping.best_iteration + 1)
+                break
         return self.test()
 
+    def _early_stop(self, iteration: int, metrics: dict[str, float]) -> bool:
+        """Update early stopping after a validation; writes ``best.pt`` when the metric rises."""
+        if self.stopping is None:
+            return False
+        stop = self.stopping.update(iteration, metrics, self.learner.state_dict())
+        if self.stopping.best_iteration == iteration and self.primary:
+            save_checkpoint(self.out / BEST_NAME, self.checkpoint_payload(iteration, self.stopping.best_state))
+        return stop
+
     def test(self) -> dict[str, Any]:
-        """The paper's protocol: mean accuracy and 95% CI over ``test_episodes`` episodes."""
+        """The paper's protocol: mean accuracy and 95% CI over ``test_episodes`` episodes, of the
+        best-validated weights under early stopping, else of the last ones."""
+        iteration = self.last_checkpoint
+        if self.stopping is not None and self.stopping.best_state is not None:
+            self.learner.load_state_dict(self.stopping.best_state)
+            iteration = self.stopping.best_iteration
         summary = evaluate(self.runner, self.learner.weights(), "test", self.cfg.test_episodes)
         result = {"method": self.cfg.method, "meta_algorithm": self.cfg.meta_algorithm,
                   "dataset": self.cfg.dataset, "ways": self.cfg.ways, "shots": self.cfg.shots,
-                  "iterations": self.cfg.iterations, "results": summary}
+                  "iterations": self.cfg.iterations, "tested_iteration": None if iteration is None else iteration + 1,
+                  "results": summary}
         if self.primary:
             atomic_write(self.out / "evaluation.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
         self._report(self.cfg.iterations, {f"test/{m}_acc": s["mean"] for m, s in summary.items()}
