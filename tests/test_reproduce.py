@@ -6,7 +6,8 @@ import json
 import pytest
 import yaml
 
-from tsmd_ray.reproduce import expand, finished, load_grid, main, markdown_table, reproduce, write_configs
+from tsmd_ray.reproduce import expand, finished, load_grid, main, reproduce, write_configs
+from tsmd_ray.tables import collect, markdown_table
 
 TINY_BASE = dict(dataset="omniglot", teacher="conv4", teacher_widths=[8, 8, 8, 8], student_widths=[4, 4, 4, 4],
                  iterations=2, meta_batch=2, inner_steps=1, query=2, eval_every=0, test_episodes=6, mlflow=False,
@@ -113,3 +114,45 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(omniglot_dataset, tmp_p
     text = (out / "results.md").read_text()
     assert "| Ours | failed† |" in text and "missing.pt" in text
     assert (out / "results.png").is_file()
+
+
+def _write_evaluation(out, per_episode: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results = {m: {"mean": sum(v) / len(v), "per_episode": v} for m, v in per_episode.items()}
+    (out / "evaluation.json").write_text(json.dumps({"results": results}))
+
+
+def test_seeds_are_pooled_and_methods_paired_episode_by_episode(tmp_path):
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text(yaml.safe_dump({"base": {"iterations": 3}, "seeds": [0, 1], "methods": ["student", "tsmd"],
+                                         "settings": [{"ways": 5, "shots": 1}]}))
+    cells = expand(load_grid(grid_path), tmp_path / "out")
+    assert [(c.method, c.seed) for c in cells] == [("student", 0), ("student", 1), ("tsmd", 0), ("tsmd", 1)]
+    assert cells[1].out == tmp_path / "out" / "5-way-1-shot" / "student" / "seed1"
+    # Episodes differ a lot in difficulty; Ours is exactly 0.04 above Student on every one of seed 0's
+    # and 0.02 above on seed 1's: the paired interval is zero-width, the unpaired ones overlap widely.
+    hard_and_easy = [0.2, 0.9, 0.4, 0.8, 0.3, 0.6]
+    for cell in cells:
+        gain = {("tsmd", 0): 0.04, ("tsmd", 1): 0.02}.get((cell.method, cell.seed), 0.0)
+        _write_evaluation(cell.out, {"student": [a + gain for a in hard_and_easy], "teacher": [0.9] * 6})
+    data = collect(cells)
+    assert data["table"]["student"]["5-way 1-shot"]["episodes"] == 12
+    assert data["table"]["tsmd"]["5-way 1-shot"]["seeds"][1]["mean"] == pytest.approx(sum(hard_and_easy) / 6 + 0.02)
+    paired = data["paired"]["tsmd"]["5-way 1-shot"]
+    assert paired["per_seed"][0]["mean"] == pytest.approx(0.04) and paired["per_seed"][0]["ci95"] == pytest.approx(0)
+    assert paired["pooled"]["mean"] == pytest.approx(0.03) and paired["pooled"]["episodes"] == 12
+    assert data["table"]["tsmd"]["5-way 1-shot"]["ci95"] > 0.1
+    text = markdown_table(data)
+    assert "| Ours − Student, seed 0 | +4.00 ± 0.00 |" in text
+    assert "| **Ours − Student, pooled** | +3.00 ± " in text
+    assert "pooled over 2 training seeds (0, 1)" in text
+
+
+def test_pairing_refuses_different_episode_counts(tmp_path):
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text(yaml.safe_dump({"base": {}, "methods": ["student", "tsmd"], "settings": [{"ways": 5}]}))
+    cells = expand(load_grid(grid_path), tmp_path / "out")
+    _write_evaluation(cells[0].out, {"student": [0.5] * 4})
+    _write_evaluation(cells[1].out, {"student": [0.5] * 5})
+    with pytest.raises(ValueError, match="same episodes"):
+        collect(cells)

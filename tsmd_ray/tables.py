@@ -1,0 +1,206 @@
+"""Table 1 from a grid's finished cells: pooled accuracies over seeds and paired differences.
+
+Every cell (setting, method, seed) holds an ``evaluation.json`` whose per-episode accuracies come
+from the same seeded test episodes for every method of that seed, so two methods can be compared
+episode by episode: the paired difference ``d_i = acc_A(episode i) - acc_B(episode i)`` cancels the
+difficulty of each episode and sees effects far smaller than the accuracies' own intervals.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from .training import summarise
+
+ROW_NAMES = {"student": "Student", "fixed-teacher": "Fixed teacher", "tsmd": "Ours", "oracle": "Oracle"}
+# the model whose accuracy a method's row reports: the oracle has no student, it is the adapted teacher
+ROW_MODEL = {"student": "student", "fixed-teacher": "student", "tsmd": "student", "oracle": "teacher"}
+FAILED = "failed.json"
+BASELINE = "student"
+
+
+class CellLike(Protocol):
+    setting: str
+    method: str
+    seed: int
+
+    @property
+    def out(self) -> Path: ...
+
+
+def _summary(values: Sequence[float]) -> dict[str, Any]:
+    return summarise(values) if values else {}
+
+
+def collect(cells: Sequence[CellLike]) -> dict[str, Any]:
+    """Table data from the cells' ``evaluation.json`` files (missing cells are left out).
+
+    ``table[method][setting]``: per model, the accuracy pooled over the finished seeds' episodes, and
+    each seed's own summary; ``paired[method][setting]``: ``method - student`` per seed and pooled.
+    """
+    settings = list(dict.fromkeys(c.setting for c in cells))
+    methods = list(dict.fromkeys(c.method for c in cells))
+    seeds = list(dict.fromkeys(c.seed for c in cells))
+    episodes: dict[tuple[str, str], dict[int, dict[str, list[float]]]] = {}
+    failures: dict[tuple[str, str], list[str]] = {}
+    walls: dict[tuple[str, str], float] = {}
+    for cell in cells:
+        key = (cell.method, cell.setting)
+        path = cell.out / "evaluation.json"
+        if path.is_file():
+            results = json.loads(path.read_text())["results"]
+            episodes.setdefault(key, {})[cell.seed] = {m: r["per_episode"] for m, r in results.items()}
+            wall = cell.out / "wall.json"
+            if wall.is_file():
+                walls[key] = walls.get(key, 0.0) + json.loads(wall.read_text())["wall_s"]
+        elif (cell.out / FAILED).is_file():
+            failures.setdefault(key, []).append(f"seed {cell.seed}: " + json.loads((cell.out / FAILED).read_text())["error"])
+    table: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for (method, setting), by_seed in episodes.items():
+        models = sorted({m for per_model in by_seed.values() for m in per_model})
+        pooled = {m: _summary([v for s in by_seed.values() for v in s.get(m, [])]) for m in models}
+        entry = {**pooled[ROW_MODEL[method]], "model": ROW_MODEL[method], "all": pooled,
+                 "seeds": {seed: summarise(per_model[ROW_MODEL[method]]) for seed, per_model in sorted(by_seed.items())}}
+        if (method, setting) in walls:
+            entry["wall_s"] = walls[(method, setting)]
+        if (method, setting) in failures:
+            entry["partly_failed"] = failures[(method, setting)]
+        table[method][setting] = entry
+    for (method, setting), errors in failures.items():
+        table[method].setdefault(setting, {"failed": "; ".join(errors)})
+    return {"settings": settings, "methods": methods, "seeds": seeds, "table": table,
+            "paired": paired_differences(episodes, methods, settings)}
+
+
+def paired_differences(episodes: dict[tuple[str, str], dict[int, dict[str, list[float]]]], methods: Sequence[str],
+                       settings: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``method - student`` on the row models' per-episode accuracies, per seed and pooled over seeds."""
+    paired: dict[str, dict[str, Any]] = {}
+    for method in (m for m in methods if m != BASELINE):
+        for setting in settings:
+            mine, base = episodes.get((method, setting), {}), episodes.get((BASELINE, setting), {})
+            per_seed = {}
+            for seed in sorted(set(mine) & set(base)):
+                a, b = mine[seed][ROW_MODEL[method]], base[seed][ROW_MODEL[BASELINE]]
+                if len(a) != len(b):
+                    raise ValueError(f"{method} and {BASELINE} ({setting}, seed {seed}) were tested on {len(a)} and "
+                                     f"{len(b)} episodes: paired differences need the same episodes")
+                per_seed[seed] = [x - y for x, y in zip(a, b)]
+            if per_seed:
+                means = [summarise(d)["mean"] for d in per_seed.values()]
+                paired.setdefault(method, {})[setting] = {
+                    "per_seed": {seed: summarise(d) for seed, d in per_seed.items()},
+                    "pooled": summarise([v for d in per_seed.values() for v in d]),
+                    "seed_means": {"min": min(means), "max": max(means)}}
+    return paired
+
+
+def _fmt(entry: dict[str, Any] | None, signed: bool = False) -> str:
+    if entry is None:
+        return "—"
+    if "failed" in entry:
+        return "failed†"
+    sign = "+" if signed else ""
+    return f"{100 * entry['mean']:{sign}.2f} ± {100 * entry['ci95']:.2f}"
+
+
+def _scored(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {m: {s: e for s, e in row.items() if "failed" not in e} for m, row in table.items()}
+
+
+def _row(name: str, cells: Sequence[str]) -> str:
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def markdown_table(data: dict[str, Any], title: str | None = None) -> str:
+    """Table 1 (bold: best student), the teachers inside the student runs, and the paired differences."""
+    settings, table, every = data["settings"], _scored(data["table"]), data["table"]
+    best = {s: max((table[m][s]["mean"] for m in data["methods"] if s in table[m] and m != "oracle"), default=None)
+            for s in settings}
+    lines = [f"### {title}", ""] if title else []
+    lines += [_row("Method", settings), "|---|" + "---|" * len(settings)]
+    for method in data["methods"]:
+        cells = []
+        for s in settings:
+            text = _fmt(every[method].get(s))
+            entry = table[method].get(s)
+            if entry is not None and method != "oracle" and entry["mean"] == best[s]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(_row(ROW_NAMES[method], cells))
+    episodes = sorted({e["episodes"] for row in table.values() for e in row.values()})
+    seeds = data.get("seeds") or []
+    pooled = f", pooled over {len(seeds)} training seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
+    lines += ["", f"Test accuracy (%), mean ± 95% confidence interval over {'/'.join(map(str, episodes)) or '?'} "
+              f"test episodes per cell{pooled}; Oracle is the adapted teacher, every other row the student. "
+              "Bold: best student."]
+    for method, row in every.items():
+        for setting, entry in row.items():
+            error = entry.get("failed") or "; ".join(entry.get("partly_failed", []))
+            if error:
+                lines.append(f"\n† {ROW_NAMES[method]}, {setting}: {error}")
+    lines += _teacher_lines(data, table) + _paired_lines(data)
+    return "\n".join(lines) + "\n"
+
+
+def _teacher_lines(data: dict[str, Any], table: dict[str, dict[str, Any]]) -> list[str]:
+    rows = {m: {s: e["all"]["teacher"] for s, e in table[m].items() if "teacher" in e["all"]}
+            for m in data["methods"] if m == "tsmd" and m in table}
+    rows = {m: r for m, r in rows.items() if r}
+    if not rows:
+        return []
+    lines = ["", "Teachers inside the student runs (query accuracy of the adapted teacher):", "",
+             _row("Teacher of", data["settings"]), "|---|" + "---|" * len(data["settings"])]
+    return lines + [_row(ROW_NAMES[m], [_fmt(r.get(s)) for s in data["settings"]]) for m, r in rows.items()]
+
+
+def _paired_lines(data: dict[str, Any]) -> list[str]:
+    paired = data.get("paired") or {}
+    if not paired:
+        return []
+    settings = data["settings"]
+    lines = ["", f"Paired differences against {ROW_NAMES[BASELINE]} (percentage points, mean ± 95% CI over the "
+             "same seeded test episodes; per training seed, then pooled):", "",
+             _row("Difference", settings), "|---|" + "---|" * len(settings)]
+    for method, by_setting in paired.items():
+        name = f"{ROW_NAMES[method]} − {ROW_NAMES[BASELINE]}"
+        seeds = sorted({seed for entry in by_setting.values() for seed in entry["per_seed"]})
+        for seed in seeds:
+            lines.append(_row(f"{name}, seed {seed}", [_fmt(by_setting.get(s, {}).get("per_seed", {}).get(seed), True)
+                                                       for s in settings]))
+        if len(seeds) > 1:
+            lines.append(_row(f"**{name}, pooled**", [_fmt(by_setting[s]["pooled"], True) if s in by_setting else "—"
+                                                       for s in settings]))
+    return lines
+
+
+def plot_table(data: dict[str, Any], out: str | Path, title: str | None = None) -> Path:
+    """Grouped bars: one group per setting, one bar per method, 95% CI as error bars."""
+    from .plots import plt, save_figure
+
+    settings, methods, table = data["settings"], data["methods"], _scored(data["table"])
+    colours = {"student": "#1f77b4", "fixed-teacher": "#2ca02c", "tsmd": "#d62728", "oracle": "#7f7f7f"}
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.55 * len(settings) * len(methods)), 4.8))
+    for j, method in enumerate(methods):
+        xs, means, cis = [], [], []
+        for i, s in enumerate(settings):
+            if s in table[method]:
+                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                means.append(100 * table[method][s]["mean"])
+                cis.append(100 * table[method][s]["ci95"])
+        bars = ax.bar(xs, means, width, yerr=cis, capsize=3, label=ROW_NAMES[method], color=colours.get(method))
+        for bar, mean in zip(bars, means):
+            ax.annotate(f"{mean:.1f}", (bar.get_x() + bar.get_width() / 2, mean), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 3), textcoords="offset points")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels(settings)
+    ax.set_ylabel("test accuracy (%), 95% CI")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(methods), fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, out, dpi=110)
