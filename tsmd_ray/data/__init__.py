@@ -13,6 +13,7 @@ from .errors import (
     NotEnoughImagesError,
     SplitError,
 )
+from .folder import PrepareOptions, prepare_folder, prepare_manifest
 from .omniglot import prepare_omniglot
 from .registry import PREPARERS, Preparer, resolve_dataset
 from .transforms import augment, load_image, normalise
@@ -31,11 +32,14 @@ __all__ = [
     "ImageReadError",
     "NotEnoughClassesError",
     "NotEnoughImagesError",
+    "PrepareOptions",
     "Preparer",
     "SplitError",
     "augment",
     "load_image",
     "normalise",
+    "prepare_folder",
+    "prepare_manifest",
     "prepare_omniglot",
     "read_meta",
     "resolve_dataset",

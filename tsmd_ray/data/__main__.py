@@ -1,14 +1,18 @@
-"""Command line: ``python -m tsmd_ray.data prepare <dataset> --source PATH --out PATH``."""
+"""Command line: ``python -m tsmd_ray.data prepare <dataset|folder|manifest> --source PATH --out PATH``."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
 
+from . import folder
 from .errors import DataError
 from .registry import PREPARERS
+
+OWN = ("folder", "manifest")  # your own images; the other names are the benchmarks of PREPARERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,30 +21,76 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser(
         "prepare",
-        help="convert a raw dataset release into the Arrow format",
-        description="Convert a raw dataset release into a prepared dataset directory "
-        "(images.arrow + meta.json, see docs/data.md). The directory is written atomically; "
-        "an existing prepared dataset there is replaced.",
+        help="convert a dataset release or your own labelled images into the Arrow format",
+        description="Convert a benchmark release, or your own labelled images (folder: an ImageFolder tree "
+        "SOURCE/<class>/<image>; manifest: a .csv or .parquet table with columns path,label, paths relative "
+        "to the table), into a prepared dataset directory (images.arrow + meta.json, see docs/data.md). "
+        "The directory is written atomically; an existing prepared dataset there is replaced.",
     )
-    prepare.add_argument("dataset", choices=sorted(PREPARERS), help="dataset name")
-    prepare.add_argument("--source", type=Path, required=True, help="folder holding the raw release")
+    prepare.add_argument("dataset", choices=[*sorted(PREPARERS), *OWN], help="dataset name, or folder / manifest")
+    prepare.add_argument("--source", type=Path, required=True, help="the raw release, image folder or table")
     prepare.add_argument("--out", type=Path, required=True, help="prepared dataset directory to write")
     prepare.add_argument(
         "--image-size",
         type=int,
         default=None,
-        help="output height and width in pixels (default: the dataset's own: 28 for omniglot, 32 for cifar_fs and fc100, 84 otherwise)",
+        help="output height and width in pixels (default: the dataset's own: 28 for omniglot, 32 for "
+        f"cifar_fs and fc100, 84 otherwise; {folder.DEFAULT_IMAGE_SIZE} for folder and manifest)",
     )
+    _own_options(prepare.add_argument_group("your own images (folder and manifest only)"))
     return parser
+
+
+def _own_options(group: argparse._ArgumentGroup) -> None:
+    """Options that only ``folder`` and ``manifest`` take; absent from the namespace unless given."""
+    add = functools.partial(group.add_argument, default=argparse.SUPPRESS)
+    add("--depth", type=int, help="folder levels that name a class, e.g. 2 for Alphabet/character01 (default 1)")
+    add("--channels", type=int, choices=(1, 3), help="1 (grayscale) or 3 (RGB, default); sources are converted")
+    add("--invert", action="store_true", help="store 255 - pixel (dark strokes on a white background)")
+    add("--split", type=_ratios, dest="ratios", metavar="TRAIN,VAL,TEST",
+        help="class split ratios, random with --seed (default 0.6,0.2,0.2)")
+    add("--split-dir", type=Path, help="folder with train.txt, val.txt, test.txt: one class per line, all listed")
+    add("--seed", type=int, help="seed of the ratio split (default 0)")
+    add("--min-images", type=int, help="leave out classes with fewer usable images (default 2); training "
+        "leaves out of its episodes the classes with fewer than shots+query images")
+    add("--strict", action="store_true", help="refuse the first unreadable image instead of skipping it")
+    add("--workers", type=int, help="decoding processes (default: one per core)")
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers TRAIN,VAL,TEST such as 0.6,0.2,0.2, got {text!r}")
+    return values
+
+
+def _prepare(args: argparse.Namespace) -> Path:
+    own = {k: v for k, v in vars(args).items() if k not in ("command", "dataset", "source", "out", "image_size")}
+    if args.dataset not in OWN:
+        if own:
+            raise DataError(f"--{next(iter(own)).replace('_', '-')} applies to folder and manifest only")
+        preparer = PREPARERS[args.dataset]
+        return preparer.prepare(args.source, args.out, args.image_size or preparer.default_image_size)
+    if args.dataset == "manifest" and "depth" in own:
+        raise DataError("--depth applies to folder only")
+    if {"ratios", "split_dir"} <= set(own):
+        raise DataError("give --split or --split-dir, not both")
+    depth = own.pop("depth", 1)
+    options = folder.PrepareOptions(image_size=args.image_size or folder.DEFAULT_IMAGE_SIZE, **own)
+    if args.dataset == "folder":
+        return folder.prepare_folder(args.source, args.out, depth, options)
+    return folder.prepare_manifest(args.source, args.out, options)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    preparer = PREPARERS[args.dataset]
     try:
-        out = preparer.prepare(args.source, args.out, args.image_size or preparer.default_image_size)
+        out = _prepare(args)
     except (DataError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

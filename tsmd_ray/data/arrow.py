@@ -175,7 +175,7 @@ def _kept_classes(names: list[str], counts: np.ndarray, min_images: int | None) 
         raise DataError(f"{len(small)} class(es) without images, e.g. {[names[i] for i in small[:3]]}")
     if len(small):
         examples = ", ".join(f"{names[i]!r} ({counts[i]})" for i in small[:5]) + (" ..." * (len(small) > 5))
-        log.warning("left out %d class(es) with fewer than %d images: %s", len(small), min_images, examples)
+        log.info("left out %d class(es) with fewer than %d images: %s", len(small), min_images, examples)
     return counts >= (min_images or 1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -14,6 +15,8 @@ from .transforms import augment as augment_batch
 from .transforms import normalise
 
 SPLIT_CODES = {split: code for code, split in enumerate(SPLITS)}  # train 0, val 1, test 2
+LEAVE_OUT = "leave_out"  # meta["sampling"]["small_classes"]: skip classes smaller than shots + query
+log = logging.getLogger(__name__)
 
 
 class Episode(NamedTuple):
@@ -39,7 +42,9 @@ class EpisodeSampler:
     Episode ``task_id`` depends only on ``(seed, split, task_id)``: classes and images are drawn
     from ``numpy.random.default_rng([seed, split_code, task_id])`` and augmentation (train-time
     crop/flip/jitter, ``augment=True``) from a ``torch.Generator`` seeded by that same stream.
-    Pickles cheaply (the dataset pickles as its path).
+    Pickles cheaply (the dataset pickles as its path). A class with fewer than ``shots + query``
+    images is an error, unless the dataset's ``meta["sampling"]["small_classes"]`` is
+    ``"leave_out"`` (datasets prepared from your own images): then it is left out (``left_out``).
     """
 
     def __init__(
@@ -56,17 +61,37 @@ class EpisodeSampler:
         self.dataset, self.split, self.seed, self.augment = dataset, split, seed, augment
         self.ways, self.shots, self.query = ways, shots, query
         self._labels = dataset.split_labels(split)
+        self.left_out: dict[str, int] = {}  # class name -> images, of the classes too small to sample
+        if dataset.meta.get("sampling", {}).get("small_classes") == LEAVE_OUT:
+            self._leave_out_small_classes()
         self._ranges = dataset.class_ranges[self._labels]
         self._check_sizes()
 
+    def _leave_out_small_classes(self) -> None:
+        """Drop the split's classes with fewer than ``shots + query`` images (logged, in ``left_out``)."""
+        ranges = self.dataset.class_ranges[self._labels]
+        counts = ranges[:, 1] - ranges[:, 0]
+        small = counts < self.shots + self.query
+        names = self.dataset.class_names
+        self.left_out = {names[label]: int(n) for label, n in zip(self._labels[small], counts[small], strict=True)}
+        if self.left_out:
+            examples = ", ".join(f"{name!r} ({n})" for name, n in list(self.left_out.items())[:5])
+            log.warning(
+                "split %r of %s: left out %d of %d classes with fewer than shots+query=%d images: %s%s",
+                self.split, self.dataset.path, len(self.left_out), len(counts), self.shots + self.query,
+                examples, " ..." * (len(self.left_out) > 5),
+            )
+        self._labels = self._labels[~small]
+
     def _check_sizes(self) -> None:
+        needed = self.shots + self.query
         if self.ways > len(self._labels):
+            usable = f" with shots+query={needed} images ({len(self.left_out)} left out)" if self.left_out else ""
             raise NotEnoughClassesError(
                 f"ways={self.ways} but split {self.split!r} of {self.dataset.path} has only "
-                f"{len(self._labels)} classes"
+                f"{len(self._labels)} classes{usable}"
             )
         counts = self._ranges[:, 1] - self._ranges[:, 0]
-        needed = self.shots + self.query
         if counts.min() < needed:
             worst = int(np.argmin(counts))
             name = self.dataset.class_names[self._labels[worst]]

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import omniglot, paper_datasets
 from .arrow import META_FILE, read_meta
@@ -49,10 +50,17 @@ PREPARERS: dict[str, Preparer] = {
 log = logging.getLogger(__name__)
 
 
+# ``folder:PATH`` names a dataset prepared from your own images (python -m tsmd_ray.data prepare folder|manifest)
+OWN_PREFIX = "folder:"
+
+
 def get_preparer(name: str) -> Preparer:
     """The registered preparer of ``name`` (``DataRootError`` listing known names otherwise)."""
     if name not in PREPARERS:
-        raise DataRootError(f"unknown dataset {name!r}; known: {sorted(PREPARERS)}")
+        raise DataRootError(
+            f"unknown dataset {name!r}; known: {sorted(PREPARERS)}, or {OWN_PREFIX}PATH for a dataset "
+            "prepared from your own images"
+        )
     return PREPARERS[name]
 
 
@@ -68,8 +76,11 @@ def resolve_dataset(
     release (directly or in ``<name>/``), which is prepared once into
     ``cache_dir/<name>-<hash of source path and image size>/``. If it is None, empty or missing,
     the raw release is downloaded into ``cache_dir/raw`` when the dataset supports it.
+    ``folder:PATH`` is the dataset prepared at ``PATH`` (see :func:`_resolve_own`).
     """
     root = Path(data_root) if data_root is not None else None
+    if name.startswith(OWN_PREFIX):
+        return _resolve_own(Path(name[len(OWN_PREFIX) :]).expanduser(), root, image_size)
     if root is not None:
         for candidate in (root, root / name):
             if (candidate / META_FILE).is_file():
@@ -90,10 +101,37 @@ def resolve_dataset(
     )
 
 
+def _resolve_own(path: Path, root: Path | None, image_size: int | None) -> Path:
+    """The absolute path of the dataset prepared at ``path`` (by ``prepare folder|manifest``).
+
+    A prepared ``root`` of the same name (its folder's or its ``meta["name"]``) takes the place of
+    ``path``: a copy elsewhere (``evaluate --data-root``), or the absolute path Tune trials receive.
+    """
+    if not path.name:
+        raise DataRootError(f"dataset {OWN_PREFIX!r} needs the prepared dataset's folder: {OWN_PREFIX}data/NAME")
+    if root is not None and (root / META_FILE).is_file() and path.name in _names(root):
+        path = root
+    elif not (path / META_FILE).is_file():
+        raise DataRootError(
+            f"dataset {OWN_PREFIX}{path}: {path} is not a prepared dataset (no {META_FILE}); prepare your "
+            f"images first: python -m tsmd_ray.data prepare folder --source IMAGES_DIR --out {path}"
+        )
+    return _check_size(path.resolve(), read_meta(path), image_size)
+
+
+def _names(prepared: Path) -> set[str]:
+    """The names a prepared dataset goes by: its folder's and the one in its ``meta.json``."""
+    return {prepared.resolve().name, read_meta(prepared)["name"]}
+
+
 def _check_prepared(path: Path, name: str, image_size: int | None) -> Path:
     meta = read_meta(path)
     if meta["name"] != name:
         raise DataRootError(f"{path} holds dataset {meta['name']!r}, not {name!r}")
+    return _check_size(path, meta, image_size)
+
+
+def _check_size(path: Path, meta: dict[str, Any], image_size: int | None) -> Path:
     if image_size is not None and (meta["height"], meta["width"]) != (image_size, image_size):
         raise DataRootError(
             f"{path} was prepared at {meta['height']}x{meta['width']}, not {image_size}x{image_size}; "
