@@ -107,17 +107,19 @@ def setting_label(setting: dict[str, Any]) -> str:
 def expand(grid: dict[str, Any], out: str | Path, resume: bool = False) -> list[Cell]:
     """The grid's cells, settings-major (the order of the table's columns, then rows, then seeds).
 
-    With ``seeds: [...]`` every (setting, method) is trained once per seed in ``.../seed<k>/``.
+    With ``seeds: [...]`` every (setting, method) is trained once per seed in ``.../seed<k>/``; a
+    method's ``seeds`` in ``method_overrides`` replaces the list for that method.
     """
     cells = []
-    seeds = grid.get("seeds")
     for setting in grid["settings"]:
         label = setting_label(setting)
         values = {k: v for k, v in setting.items() if k != "label"}
         for method in grid["methods"]:
+            overrides = dict(grid["method_overrides"].get(method, {}))
+            seeds = overrides.pop("seeds", grid.get("seeds"))
             for seed in seeds or [None]:
                 folder = Path(out) / slug(label) / method
-                data = {**grid["base"], **values, **grid["method_overrides"].get(method, {}), "method": method,
+                data = {**grid["base"], **values, **overrides, "method": method,
                         "out": str(folder / f"seed{seed}" if seed is not None else folder), "resume": resume}
                 if seed is not None:
                     data["seed"] = seed
@@ -255,14 +257,19 @@ def write_table(grid: dict[str, Any], cells: Sequence[Cell], out: Path) -> dict[
     return data
 
 
-def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run the grid (skipping finished cells with ``resume``) and write the table; returns its data."""
+def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool = False,
+              methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the grid (skipping finished cells with ``resume``; only ``methods`` if given) and write the
+    table of every finished cell; returns its data."""
     grid = load_grid(grid_path)
+    unknown = sorted(set(methods or ()) - set(grid["methods"]))
+    if unknown:
+        raise ValueError(f"--methods {', '.join(unknown)}: not in grid {grid_path} ({', '.join(grid['methods'])})")
     out = Path(out or Path("runs") / grid["name"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
     cells = expand(grid, out, resume)
-    todo = [c for c in cells if not (resume and finished(c))]
+    todo = [c for c in cells if not (resume and finished(c)) and (not methods or c.method in methods)]
     skipped = len(cells) - len(todo)
     if not resume:  # a fresh grid: outputs of an earlier run of these cells must not be resumed from
         for cell in todo:
@@ -298,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grid", required=True, help="grid YAML (configs/*.yaml)")
     parser.add_argument("--out", help="output folder (default runs/<grid name>)")
     parser.add_argument("--resume", action="store_true", help="skip finished cells, resume unfinished ones")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help="train only these rows now (the table shows every finished cell)")
     parser.add_argument("--expand", metavar="DIR", help="only write one train config per cell into DIR")
     args = parser.parse_args(argv)
     try:
@@ -305,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in write_configs(args.grid, args.expand, args.out):
                 print(path)
             return 0
-        data = reproduce(args.grid, args.out, args.resume)
+        data = reproduce(args.grid, args.out, args.resume, args.methods)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         log.error("%s", exc)
         return 2
