@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +46,34 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (no arbitrary unpickling)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (no arbitrary unpickling).
+
+    Anything else (a text file, a truncated copy, a pickle of Python objects, a bare state dict)
+    raises :class:`CheckpointError` with one line that names the file and what it is.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-        found = payload.get("format_version") if isinstance(payload, dict) else None
-        raise CheckpointError(f"checkpoint {path} has format version {found!r}; this tsmd-ray "
-                              f"reads version {FORMAT_VERSION}")
+    payload = read_torch_file(path)
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise CheckpointError(f"{path} is not a tsmd-ray checkpoint: it holds no format_version (weights "
+                              "written by tsmd_ray.pretrain are passed to training as --teacher-init)")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {payload['format_version']!r}; this "
+                              f"tsmd-ray reads version {FORMAT_VERSION}")
     return payload
+
+
+def read_torch_file(path: Path, kind: str = "tsmd-ray checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)``, or a :class:`CheckpointError` saying in one line why
+    ``path`` is not a ``kind`` (instead of torch's unpickler advice)."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a {kind}: not a complete file written by torch.save")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} is not a {kind}: it holds Python objects other than tensors and plain "
+                              "values (not loaded: unpickling them could run any code)") from exc
+    except Exception as exc:  # torch raises several types for damaged archives
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable {kind}: {reason}") from exc
