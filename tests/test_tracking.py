@@ -7,68 +7,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import tsmd_ray.train
+from tests.conftest import free_port
 from tsmd_ray import tracking
 from tsmd_ray.config import Config
 from tsmd_ray.train import main as train_main
 
 EXPERIMENT = "test-tracking"
-
-
-# ---------------------------------------------------------------------- a real tracking server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mlflow_server(root: Path, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on 127.0.0.1 with a SQLite backend and proxied artifacts under ``root``."""
-    port = free_port()
-    log_file = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log_file, stderr=subprocess.STDOUT, cwd=root)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc, uri
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"mlflow server did not answer within {timeout} s: {(root / 'server.log').read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
-    yield uri
-    stop_server(proc)
 
 
 @pytest.fixture
@@ -78,12 +32,18 @@ def client(mlflow_server: str):
     return MlflowClient(tracking_uri=mlflow_server)
 
 
-def tiny_args(data_root: Path, out: Path, method: str = "tsmd") -> list[str]:
-    return ["--backend", "local", "--method", method, "--data-root", str(data_root),
+@pytest.fixture
+def as_train_command(monkeypatch):
+    """``sys.argv[0]`` as ``python -m tsmd_ray.train`` sets it (the entry point the runs record)."""
+    monkeypatch.setattr(sys, "argv", [tsmd_ray.train.__file__])
+
+
+def tiny_args(data_root: Path, out: Path, *flags: str) -> list[str]:
+    return ["--backend", "local", "--method", "tsmd", "--data-root", str(data_root),
             "--teacher", "conv4", "--teacher-widths", "8", "8", "8", "8", "--student-widths", "8", "8", "8", "8",
             "--iterations", "4", "--meta-batch", "2", "--inner-steps", "1", "--query", "2",
             "--eval-every", "2", "--val-episodes", "4", "--test-episodes", "4",
-            "--out", str(out), "--experiment", EXPERIMENT]
+            "--out", str(out), "--experiment", EXPERIMENT, *flags]
 
 
 TRAIN_METRICS = {"train/student/loss", "train/student/acc", "train/teacher/loss", "train/teacher/acc",
@@ -92,7 +52,11 @@ TRAIN_METRICS = {"train/student/loss", "train/student/acc", "train/teacher/loss"
 ARTIFACTS = {"config.yaml", "evaluation.json", "metrics.jsonl", "learning_curves.png"}
 
 
-def check_tracked_run(client, out: Path) -> str:
+def steps(client, run, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+def check_tracked_run(client, out: Path):
     """The run recorded in ``out/mlflow.json`` holds the whole run: params, metrics, artifacts, models."""
     info = json.loads((out / tracking.RUN_FILE).read_text())
     assert info["status"] == "logged"
@@ -101,9 +65,8 @@ def check_tracked_run(client, out: Path) -> str:
     cfg = Config.from_yaml(out / "config.yaml")
     assert run.data.params == tracking.config_params(cfg)  # every config value, as logged
     assert TRAIN_METRICS <= set(run.data.metrics)
-    history = client.get_metric_history(run.info.run_id, "train/student/loss")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/student_acc")) == [2, 4]
+    assert steps(client, run, "train/student/loss") == [1, 2, 3, 4]
+    assert steps(client, run, "val/student_acc") == [2, 4]
     evaluation = json.loads((out / "evaluation.json").read_text())
     for model in ("student", "teacher"):
         assert run.data.metrics[f"test/{model}_acc"] == pytest.approx(evaluation["results"][model]["mean"])
@@ -114,7 +77,26 @@ def check_tracked_run(client, out: Path) -> str:
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
     assert {m.name for m in models} == {"student", "teacher"}
-    return run.info.run_id
+    return run
+
+
+def check_provenance(run, dataset_dir: Path) -> None:
+    """The run names its prepared dataset (an MLflow dataset input) and its code (source tags)."""
+    (data,) = run.inputs.dataset_inputs
+    assert data.dataset.name == "omniglot"
+    assert data.dataset.digest == tracking.dataset_info(dataset_dir)["digest"]
+    assert json.loads(data.dataset.source) == {"uri": str(dataset_dir.resolve())}
+    assert data.dataset.source_type == "local"
+    assert json.loads(data.dataset.profile)["classes"] == {"train": 163, "val": 40, "test": 39}
+    tags = {t.key: t.value for t in data.tags}
+    assert tags["mlflow.data.context"] == "training"
+    assert tags["tsmd.splits"].startswith("meta-train: train (163 classes); meta-validation: val")
+    assert run.data.tags["mlflow.source.name"] == "tsmd_ray.train"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.git.dirty"] in ("true", "false")
+    commit = run.data.tags["mlflow.source.git.commit"]
+    repo = Path(tracking.naming.PACKAGE_DIR).parent
+    assert subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", commit, "HEAD"]).returncode == 0
 
 
 def check_student_model(client, run_id: str, experiment_id: str) -> None:
@@ -130,26 +112,44 @@ def check_student_model(client, run_id: str, experiment_id: str) -> None:
 
 
 # ---------------------------------------------------------------------- tests
-def test_training_run_is_tracked(mlflow_server, client, omniglot_dataset, tmp_path, monkeypatch):
+def test_two_seeds_of_one_config_are_told_apart_and_overlay(mlflow_server, client, omniglot_dataset, tmp_path,
+                                                            monkeypatch, as_train_command):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    out = tmp_path / "run"
-    assert train_main(tiny_args(omniglot_dataset, out)) == 0
-    run_id = check_tracked_run(client, out)
-    run = client.get_run(run_id)
-    assert run.info.run_name == "tsmd-omniglot-5w1s"
-    assert run.data.tags["tsmd.out"] == str(out.resolve())
-    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
-    check_student_model(client, run_id, run.info.experiment_id)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    runs = []
+    for seed, flags in ((0, []), (1, ["--no-system-metrics"])):
+        out = tmp_path / f"seed{seed}"
+        assert train_main(tiny_args(omniglot_dataset, out, "--seed", str(seed), *flags)) == 0
+        runs.append(check_tracked_run(client, out))
+        assert runs[-1].data.tags["tsmd.out"] == str(out.resolve())
+    first, second = runs
+    experiment = client.get_experiment(first.info.experiment_id)
+    assert experiment.name == EXPERIMENT
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
+    digest = first.data.tags["tsmd.config_digest"]
+    assert second.data.tags["tsmd.config_digest"] == digest  # one configuration ...
+    assert first.info.run_name == f"tsmd-omniglot-5w1s-seed0-{digest}"  # ... two names
+    assert second.info.run_name == f"tsmd-omniglot-5w1s-seed1-{digest}"
+    for run in runs:
+        check_provenance(run, omniglot_dataset)
+    # the chart view overlays the two runs: the same metric names at the same steps
+    learned = [{k for k in run.data.metrics if not k.startswith("system/")} for run in runs]
+    assert learned[0] == learned[1]
+    for key in learned[0]:
+        assert steps(client, first, key) == steps(client, second, key), key
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(first.data.metrics)
+    assert not [k for k in second.data.metrics if k.startswith("system/")]  # --no-system-metrics
+    check_student_model(client, first.info.run_id, first.info.experiment_id)
 
 
 def test_unreachable_server_keeps_results_and_uploads_later(mlflow_server, client, omniglot_dataset, tmp_path,
-                                                            monkeypatch, caplog):
+                                                            monkeypatch, caplog, as_train_command):
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed)
     out = tmp_path / "offline"
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="tsmd_ray.tracking"):
-        assert train_main(tiny_args(omniglot_dataset, out, method="tsmd")) == 0
+        assert train_main(tiny_args(omniglot_dataset, out, "--run-name", "offline run")) == 0
     warnings = [r for r in caplog.records if r.name == "tsmd_ray.tracking" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "tsmd_ray.tracking upload" in warnings[0].getMessage()
     assert time.monotonic() - started < 240
@@ -158,15 +158,19 @@ def test_unreachable_server_keeps_results_and_uploads_later(mlflow_server, clien
     info = json.loads((out / tracking.RUN_FILE).read_text())
     assert info["status"] == "pending_upload" and info["tracking_uri"] == closed
 
-    # later, with the server back: the upload command puts everything into MLflow
+    # later, from another command and with the server back: everything goes into MLflow
+    monkeypatch.setattr(sys, "argv", ["upload"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     assert tracking.main(["upload", str(out)]) == 0
-    run_id = check_tracked_run(client, out)
-    assert client.get_run(run_id).data.tags["tsmd.uploaded"] == "true"
+    run = check_tracked_run(client, out)
+    assert run.data.tags["tsmd.uploaded"] == "true"
+    assert run.info.run_name == "offline run"  # --run-name
+    check_provenance(run, omniglot_dataset)  # the dataset and code version of the training, not the upload's
     # uploading again completes the same run and duplicates nothing
     assert tracking.main(["upload", str(out), "--no-models"]) == 0
-    assert json.loads((out / tracking.RUN_FILE).read_text())["run_id"] == run_id
-    assert len(client.get_metric_history(run_id, "train/student/loss")) == 4
+    assert json.loads((out / tracking.RUN_FILE).read_text())["run_id"] == run.info.run_id
+    assert len(client.get_metric_history(run.info.run_id, "train/student/loss")) == 4
+    assert len(client.get_run(run.info.run_id).inputs.dataset_inputs) == 1
 
 
 def test_tracking_failure_mid_run_warns_once_and_stops_logging(tmp_path, caplog):
@@ -189,6 +193,61 @@ def test_tracking_failure_mid_run_warns_once_and_stops_logging(tmp_path, caplog)
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
     info = tracking.read_run_file(tmp_path / "run")
     assert info["status"] == "pending_upload" and "server went away" in info["error"]
+
+
+def test_run_names_tell_configs_and_seeds_apart(monkeypatch):
+    cfg = Config(data_root=None)
+    digest = tracking.config_digest(cfg)
+    assert tracking.default_run_name(cfg) == f"tsmd-omniglot-5w1s-seed0-{digest}"
+    assert tracking.default_run_name(cfg.replace(seed=3)) == f"tsmd-omniglot-5w1s-seed3-{digest}"
+    assert tracking.config_digest(cfg.replace(alpha=0.2)) != digest  # another configuration
+    # where a run computes and how it is recorded does not change what it trains
+    assert tracking.config_digest(cfg.replace(out="elsewhere", workers=3, backend="local", profile="quick")) == digest
+    assert tracking.default_run_name(cfg.replace(method="student", meta_algorithm="reptile", ways=20, shots=5)) \
+        .startswith("student-reptile-omniglot-20w5s-seed0-")
+    assert tracking.run_name(cfg.replace(run_name="my run")) == "my run"
+    assert tracking.run_tags(cfg.replace(profile="quick"))["tsmd.profile"] == "quick"
+    assert "tsmd.profile" not in tracking.run_tags(cfg)
+    values = {"alpha": 0.0341234, "lam": 0.2, "inner_steps": 3}
+    assert tracking.trial_run_name("tsmd_trial_1a2b3_00004", values) == "00004 alpha=0.0341 lam=0.2 inner_steps=3"
+    package = tracking.naming.PACKAGE_DIR
+    for argv0, entry in ((package / "train.py", "tsmd_ray.train"), (package / "tune" / "__main__.py", "tsmd_ray.tune"),
+                         (Path("/usr/bin/pytest"), "pytest")):
+        monkeypatch.setattr(sys, "argv", [str(argv0)])
+        assert tracking.naming.entry_point() == entry
+
+
+def test_dataset_digest_covers_every_file_of_the_prepared_directory(omniglot_dataset, tmp_path):
+    data = tmp_path / "omniglot"
+    shutil.copytree(omniglot_dataset, data)
+    info = tracking.dataset_info(data)
+    assert info["name"] == "omniglot" and set(info["profile"]["files"]) == {"images.arrow", "meta.json"}
+    assert tracking.dataset_info(data, cached=info) is info  # unchanged files: the digest is not recomputed
+    (data / "train.txt").write_text("Latin/character01\n")  # a split file next to the Arrow file
+    with_split = tracking.dataset_info(data, cached=info)
+    assert with_split["digest"] != info["digest"] and "train.txt" in with_split["profile"]["files"]
+    # other bytes with the same size and modification time: the content is what is hashed
+    arrow = data / "images.arrow"
+    stat = arrow.stat()
+    raw = bytearray(arrow.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    arrow.write_bytes(bytes(raw))
+    os.utime(arrow, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert tracking.dataset_info(data)["digest"] != with_split["digest"]
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        tracking.dataset_info(tmp_path / "missing")
+
+
+def test_experiments_declare_model_training(mlflow_server, client):
+    kind = tracking.EXPERIMENT_KIND_TAG
+    created = tracking.ensure_experiment(client, "test-tracking-new", mlflow_server)
+    legacy = client.create_experiment("test-tracking-legacy")  # made before tsmd_ray declared the kind
+    genai = client.create_experiment("test-tracking-genai", tags={kind: "genai_development"})
+    assert tracking.ensure_experiment(client, "test-tracking-legacy", mlflow_server) == legacy
+    assert tracking.ensure_experiment(client, "test-tracking-genai", mlflow_server) == genai
+    for experiment_id in (created, legacy):
+        assert client.get_experiment(experiment_id).tags[kind] == "custom_model_development"
+    assert client.get_experiment(genai).tags[kind] == "genai_development"  # a kind someone chose stays
 
 
 def test_default_store_is_absolute_sqlite_under_tsmd_home(tmp_path, monkeypatch):

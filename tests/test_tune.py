@@ -5,18 +5,15 @@ config trains."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from tsmd_ray import tracking
 from tsmd_ray import tune as tsmd_tune
 from tsmd_ray.config import Config
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_tracking import start_mlflow_server, stop_server  # noqa: E402
 
 SPACES = Path(__file__).resolve().parent.parent / "tune_spaces"
 PAPER_DATASETS = {"mini_imagenet", "cifar_fs", "fc100", "fgvc_aircraft", "cub200", "stanford_dogs"}
@@ -44,13 +41,14 @@ def write_space(path: Path, **changes) -> Path:
 def test_shipped_spaces_parse():
     datasets = {}
     for path in sorted(SPACES.glob("*.yaml")):
-        spec = tsmd_tune.load_space(path)
-        cfg = spec.base_config
-        datasets[cfg.dataset] = spec
-        assert {"alpha", "beta", "lam", "eta"} <= set(spec.search), path
+        spec = tsmd_tune.load_space(path)  # every shipped space is valid
+        assert spec.metric == "val/student_acc" and spec.searcher == "optuna"
+        if path.stem not in PAPER_DATASETS | {"omniglot"}:
+            continue  # a focused space (e.g. KD settings only)
+        datasets[spec.base_config.dataset] = spec
+        assert {"alpha", "beta", "lam", "eta"} <= set(spec.search), path  # the learning rates of every setting
         for key in ("alpha", "beta", "lam", "eta"):
             assert "loguniform" in spec.search[key], (path, key)
-        assert spec.metric == "val/student_acc" and spec.searcher == "optuna"
     assert set(datasets) == PAPER_DATASETS | {"omniglot"}
     for name in PAPER_DATASETS:  # paper 5.1: 5-way 1-shot, ResNet-50 teacher, Conv-4 32 student, 5 steps
         cfg = datasets[name].base_config
@@ -98,13 +96,6 @@ def test_searchers_schedulers_and_resources(tmp_path):
 
 
 # ---------------------------------------------------------------------- a real sweep
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
-    yield uri
-    stop_server(proc)
-
-
 def trial_snapshot(experiment_dir: Path) -> dict[str, tuple[int, str]]:
     """Trials Tune recorded as ended, with their evaluation.json time and metrics.jsonl text."""
     from ray.tune import ExperimentAnalysis
@@ -149,28 +140,45 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(sweep):
     assert len(list((sweep["dir"] / "trials").iterdir())) == 3
 
 
-def test_every_trial_is_a_nested_mlflow_run(sweep):
+def test_every_trial_is_a_nested_mlflow_run(sweep, omniglot_dataset):
     from mlflow import MlflowClient
 
     client = MlflowClient(sweep["uri"])
     experiment = client.get_experiment_by_name("test-tune")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     parents = client.search_runs([experiment.experiment_id], "tags.`tsmd.kind` = 'sweep'")
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep-tiny"
     assert json.loads((sweep["dir"] / tsmd_tune.SWEEP_FILE).read_text())["parent_run_id"] == parent.info.run_id
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     trial_ids = {p.name for p in (sweep["dir"] / "trials").iterdir()}
     assert sorted(r.data.tags["tsmd.trial_id"] for r in children) == sorted(trial_ids)  # one run per trial
+    digest = tracking.dataset_info(omniglot_dataset)["digest"]
+    for run in [parent, *children]:  # the driver's dataset digest and code version, everywhere
+        assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [digest]
+        assert run.data.tags["mlflow.source.name"] == "tsmd_ray.tune"
+        assert run.data.tags["mlflow.source.git.commit"] == parent.data.tags["mlflow.source.git.commit"]
     for run in children:
         assert run.info.status in ("FINISHED", "KILLED"), run.info  # KILLED: stopped early by ASHA
         assert {"alpha", "beta", "lam", "eta"} <= set(run.data.params)
+        # named by its searched values, as sampled
+        sampled = {key: float(run.data.params[key]) for key in ("alpha", "beta", "lam", "eta")}
+        number, *values = run.info.run_name.split()
+        assert run.data.tags["tsmd.trial_id"].endswith(number)
+        assert {v.split("=")[0]: float(v.split("=")[1]) for v in values} == pytest.approx(sampled, rel=1e-2)
         assert "val/student_acc" in run.data.metrics
         if run.info.status == "FINISHED":
             assert "test/student_acc" in run.data.metrics
+    assert len({r.info.run_name for r in children}) == len(children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best_config.yaml", "space.yaml", "trials.csv", "best_trials.png"} <= artifacts
-    assert "best/val_student_acc" in parent.data.metrics
+    # the sweep's run shows its best trial's metrics under the trials' own names
+    best = client.get_run(parent.data.tags["tsmd.best_run_id"])
+    assert parent.data.tags["tsmd.best_trial"] == best.data.tags["tsmd.trial_id"]
+    for key in ("val/student_acc", "test/student_acc", "test/student_ci95", "val/teacher_acc"):
+        assert parent.data.metrics[key] == pytest.approx(best.data.metrics[key]), key
+    assert parent.data.metrics["val/student_acc"] == max(r.data.metrics["val/student_acc"] for r in children)
 
 
 def test_best_config_trains(sweep, capsys):

@@ -46,7 +46,7 @@ def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None) ->
 
         return run_allreduce(cfg, dataset_path)
     dataset = ArrowFewShotDataset(dataset_path)
-    with tracker if tracker is not None else tracking.tracker(cfg) as tracker:
+    with tracker if tracker is not None else tracking.tracker(cfg, dataset_path=dataset_path) as tracker:
         runner = make_runner(cfg, dataset_path)
         try:
             # MLflow first: a Tune reporter may end the trial inside report() (ASHA), losing later reporters

@@ -1,0 +1,99 @@
+"""Put runs that could not be tracked into MLflow later, and the ``python -m tsmd_ray.tracking`` CLI."""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import Config
+from .datasets import dataset_input
+from .models import log_models_from_checkpoint
+from .naming import run_name, run_tags, source_tags
+from .records import (config_params, existing_run, log_metrics, log_params, log_run_artifacts, logged_steps,
+                      read_run_file, write_run_file)
+from .store import TrackingError, connect, ensure_experiment, log, resolve_tracking_uri
+
+
+def _run_status(out: Path) -> str:
+    return "FINISHED" if (out / "evaluation.json").is_file() else "FAILED"
+
+
+def upload_run(out: str | Path, *, tracking_uri: str | None = None, experiment: str | None = None,
+               parent_run_id: str | None = None, log_models: bool = True) -> str:
+    """Replay a run's output directory into MLflow: params from ``config.yaml``, every record of
+    ``metrics.jsonl``, the dataset input and code version the run recorded, the artifacts and the
+    models of ``checkpoint.pt``. A run this store already holds (partly tracked before the server
+    went away) is completed, not duplicated. Returns the run id; raises :class:`TrackingError`
+    when the store does not answer."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from ..plots import read_metrics
+
+    out = Path(out).resolve()
+    if not (out / "config.yaml").is_file():
+        raise FileNotFoundError(f"{out} holds no config.yaml: not the output directory of a tsmd_ray run")
+    cfg = Config.from_yaml(out / "config.yaml")
+    uri = resolve_tracking_uri(tracking_uri)
+    client = connect(uri)
+    info = read_run_file(out)
+    experiment = experiment or cfg.experiment
+    experiment_id = ensure_experiment(client, experiment, uri)
+    parent_run_id = parent_run_id or info.get("parent_run_id")
+    run_id = existing_run(client, info, uri)
+    skip: set[tuple[str, int]] = set()
+    if run_id:
+        skip = logged_steps(client, run_id)
+        log_params(client, run_id, config_params(cfg), client.get_run(run_id).data.params)
+    else:
+        tags = {**(info.get("source") or source_tags()), **run_tags(cfg), "tsmd.uploaded": "true", "tsmd.out": str(out)}
+        if parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run_id = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
+        log_params(client, run_id, config_params(cfg))
+    if info.get("dataset"):
+        client.log_inputs(run_id, datasets=[dataset_input(info["dataset"])])
+    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    count = log_metrics(client, run_id, [(int(r["step"]), r) for r in records], skip)
+    log_run_artifacts(client, run_id, out, title=run_name(cfg))
+    if log_models and (out / "checkpoint.pt").is_file():
+        log_models_from_checkpoint(run_id, out / "checkpoint.pt", uri)
+    client.set_terminated(run_id, status=_run_status(out))
+    write_run_file(out, tracking_uri=uri, experiment=experiment, experiment_id=experiment_id, run_id=run_id,
+                   parent_run_id=parent_run_id, status="logged", error=None)
+    log.info("uploaded %s as MLflow run %s (%d metric values) to %s", out, run_id, count, uri)
+    return run_id
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tsmd_ray.tracking upload RUN_DIR ...`` and ``... where``."""
+    from . import __doc__ as doc
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m tsmd_ray.tracking", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upload", help="put runs that could not be tracked into MLflow")
+    up.add_argument("out", nargs="+", help="output directories of tsmd_ray.train runs (or Tune trials)")
+    up.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the local SQLite store")
+    up.add_argument("--experiment", help="default: the run's configured experiment")
+    up.add_argument("--parent-run-id", help="nest the uploaded runs under this run (a sweep)")
+    up.add_argument("--no-models", action="store_true", help="do not log the student/teacher models")
+    sub.add_parser("where", help="print the tracking URI in use and how to open the UI")
+    args = parser.parse_args(argv)
+    if args.command == "where":
+        uri = resolve_tracking_uri()
+        print(uri)
+        if uri.startswith("sqlite:"):
+            print(f"open the UI with: mlflow ui --backend-store-uri {uri}")
+        return 0
+    status = 0
+    for out in args.out:
+        try:
+            run_id = upload_run(out, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                                parent_run_id=args.parent_run_id, log_models=not args.no_models)
+            print(f"{out}: MLflow run {run_id}")
+        except (TrackingError, FileNotFoundError, ValueError) as exc:
+            log.error("%s: %s", out, exc)
+            status = 2
+    return status
