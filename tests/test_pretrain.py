@@ -13,7 +13,7 @@ from tsmd_ray.config import Config
 from tsmd_ray.data import ArrowFewShotDataset
 from tsmd_ray.engine import DataSpec, build_models
 from tsmd_ray.models import build_model
-from tsmd_ray.pretrain import build_parser, epoch_shard, pretrain, train_rows
+from tsmd_ray.pretrain import build_parser, cached_pretrain, epoch_shard, pretrain, pretrain_args, train_rows
 from tsmd_ray.train import run
 
 TINY_TEACHER = ["--teacher", "conv4", "--teacher-widths", "8", "8", "8", "8"]
@@ -121,7 +121,7 @@ def test_torchvision_model_from_a_local_file_is_a_fixed_rkd_teacher(omniglot_dat
     assert all(torch.equal(before[k], after[k]) for k in before)  # never updated
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert any(not torch.equal(student_before[k], v) for k, v in trainer.learner.student.state_dict().items())
-    assert set(result["results"]) == {"student", "teacher"}
+    assert set(result["results"]) == {"student"}  # the fixed teacher's N-way head is random: not scored
     assert "psi" not in trainer.learner.optimizers
 
 
@@ -130,3 +130,36 @@ def test_cli_rejects_bad_values():
 
     assert main(["--epochs", "0"]) == 2
     assert isinstance(build_parser().parse_args([]), argparse.Namespace)
+    with pytest.raises(ValueError, match="unknown pre-training setting.*epoch$"):
+        pretrain_args(epoch=3)
+
+
+@pytest.mark.parametrize("argv, augment", [([], True), (["--no-augment"], False), (["--augment", "false"], False),
+                                           (["--augment"], True)])
+def test_augment_flag_in_both_forms(argv, augment):
+    assert build_parser().parse_args(argv).augment is augment
+
+
+def local_args(dataset, tmp, **changes) -> argparse.Namespace:
+    return pretrain_args(**{"data_root": str(dataset), "cache_dir": str(tmp / "cache"), "teacher": "conv4",
+                            "teacher_widths": [8, 8, 8, 8], "epochs": 2, "max_steps": 2, "batch_size": 16,
+                            "backend": "local", "storage_path": str(tmp / "storage"), "out": str(tmp / "t.pt"),
+                            **changes})
+
+
+def test_local_backend_trains_and_resumes_without_ray(omniglot_dataset, tmp_path):
+    summary = pretrain(local_args(omniglot_dataset, tmp_path))
+    assert summary["backend"] == "local" and summary["workers"] == 1 and summary["epochs"] == 2
+    state = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert state["head.weight"].shape == (163, 8)
+    resumed = pretrain(local_args(omniglot_dataset, tmp_path, epochs=3, resume=True))
+    assert resumed["epochs"] == 3 and resumed["metrics"]["start_epoch"] == 2  # only the third epoch ran
+
+
+def test_cached_pretrain_reuses_a_teacher_of_the_same_settings(omniglot_dataset, tmp_path):
+    first = cached_pretrain(local_args(omniglot_dataset, tmp_path))
+    again = cached_pretrain(local_args(omniglot_dataset, tmp_path))
+    other = cached_pretrain(local_args(omniglot_dataset, tmp_path, lr=0.01))
+    assert not first["cached"] and again["cached"] and not other["cached"]
+    assert again["out"] == first["out"] != other["out"]
+    assert first["out"].startswith(str(tmp_path / "cache" / "teachers" / "omniglot-conv4-"))

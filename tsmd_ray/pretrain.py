@@ -9,16 +9,22 @@ Trains ``teacher`` with a C-way head on every image of the C meta-training class
 reported every epoch, and ``FailureConfig(max_failures)``: a worker that dies restarts the worker
 group, which resumes from the last reported checkpoint. ``--resume`` continues a run that was
 interrupted (the driver died, Ctrl-C) from its latest checkpoint in ``--storage-path``.
+``--backend local`` runs the same epoch loop as one worker in this process, without Ray (a
+checkpoint ``state.pt`` per epoch in the run's folder).
 
 The result, ``--out``, is a plain state dict whose keys are those of
 ``tsmd_ray.models.build_model(teacher, ...)``: ``python -m tsmd_ray.train --teacher-init FILE``
 loads it into psi, replacing the C-way head by the N-way one. ``--init-weights FILE`` starts a
 torchvision teacher from a local ImageNet weights file (the fine-grained datasets of the paper);
 nothing is downloaded.
+
+:func:`cached_pretrain` (used by ``tsmd_ray.pipeline``) pre-trains once per configuration and
+dataset into ``$TSMD_CACHE_DIR/teachers/`` and reuses the weights on later calls.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -33,12 +39,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
+from .config import BoolFlag
 
 log = logging.getLogger("tsmd_ray.pretrain")
 
 STATE_FILE = "state.pt"
+# The settings that shape the trained weights: a cached teacher is reused when all of them match.
+RESULT_SETTINGS = ("teacher", "teacher_widths", "init_weights", "epochs", "batch_size", "lr", "weight_decay",
+                   "label_smoothing", "augment", "max_steps", "seed", "use_gpu")
 
 
 # ---------------------------------------------------------------------- pieces used on every worker
@@ -102,49 +113,113 @@ def _maybe_fail(config: dict[str, Any], epoch: int, step: int, rank: int) -> Non
         raise RuntimeError(f"injected failure of worker {rank} at epoch {epoch}")
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop: restore, train epochs, report metrics and a checkpoint per epoch."""
-    import ray.train
-    import ray.train.torch
+class RaySession:
+    """The epoch loop inside a Ray Train worker: DDP, checkpoints reported to Ray Train."""
 
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        # Ray Train logs every report at INFO through the root logger (LoggingConfig covers "ray.train" only)
+        logging.getLogger().setLevel(logging.WARNING)
+
+    def restore(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def progress(self, desc: str, total: int, done: int) -> Any:
+        """Rank 0's bar, drawn by the Ray driver (``ray.experimental.tqdm_ray``)."""
+        if self.rank != 0:
+            return tqdm(disable=True)
+        from ray.experimental import tqdm_ray
+
+        bar = tqdm_ray.tqdm(desc=desc, total=total, unit="step")
+        bar.update(done)
+        return bar
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if state is not None:
+                torch.save(state, Path(folder) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalSession:
+    """The epoch loop in this process (``--backend local``): one worker, ``RUN_DIR/state.pt`` per epoch."""
+
+    rank, world = 0, 1
+
+    def __init__(self, run_dir: Path, device: torch.device) -> None:
+        self.path = run_dir / STATE_FILE
+        self.device = device
+        self.metrics: dict[str, Any] = {}
+
+    def restore(self) -> dict[str, Any] | None:
+        return torch.load(self.path, map_location="cpu", weights_only=True) if self.path.is_file() else None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def progress(self, desc: str, total: int, done: int) -> Any:
+        return tqdm(desc=desc, total=total, initial=done, unit="step", dynamic_ncols=True)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.metrics = metrics
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+
+def fit_teacher(config: dict[str, Any], session: RaySession | LocalSession) -> None:
+    """Restore, train the remaining epochs, report metrics and (rank 0) a checkpoint per epoch."""
     from .data import ArrowFewShotDataset
 
     torch.set_num_threads(config.get("threads_per_worker", 1))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     config = {**config, "world": world}
     dataset = ArrowFewShotDataset(config["dataset_path"])
     rows, targets, num_classes = train_rows(dataset)
-    preprocess = dataset.preprocess
-    device = ray.train.torch.get_device()
-
     model = build_teacher(config, num_classes, dataset.shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9,
                                 weight_decay=config["weight_decay"], nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
     start = 0  # the first epoch of this attempt: > 0 when restored after a failure or --resume
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = session.restore()
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare(model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.get("label_smoothing", 0.0))
-
+    shard = lambda epoch: epoch_shard(len(rows), epoch, config["seed"], rank, world,  # noqa: E731
+                                      config["batch_size"], config.get("max_steps"))
+    steps = len(shard(0))
+    bar = session.progress(f"pre-train {config['teacher']}", steps * config["epochs"], steps * start)
     for epoch in range(start, config["epochs"]):
         started = time.perf_counter()
         model.train()
         generator = torch.Generator().manual_seed(config["seed"] * 100_003 + epoch * 1009 + rank)
         loss_sum = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-        batches = epoch_shard(len(rows), epoch, config["seed"], rank, world, config["batch_size"],
-                              config.get("max_steps"))
-        for step, index in enumerate(batches):
+        for step, index in enumerate(shard(epoch)):
             _maybe_fail(config, epoch, step, rank)
-            x = make_batch(dataset, rows[index], preprocess, generator, config["augment"]).to(device)
-            y = torch.from_numpy(targets[index]).to(device)
+            x = make_batch(dataset, rows[index], dataset.preprocess, generator, config["augment"]).to(session.device)
+            y = torch.from_numpy(targets[index]).to(session.device)
             logits = model(x)
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -152,21 +227,27 @@ def train_loop(config: dict[str, Any]) -> None:
             optimizer.step()
             loss_sum += torch.tensor([float(loss.detach()) * len(y), float((logits.argmax(1) == y).sum()), len(y)],
                                      dtype=torch.float64)
+            bar.update(1)
         scheduler.step()
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(loss_sum)
         metrics = {"epoch": epoch, "loss": float(loss_sum[0] / loss_sum[2]), "acc": float(loss_sum[1] / loss_sum[2]),
                    "lr": scheduler.get_last_lr()[0], "epoch_s": time.perf_counter() - started,
                    "num_classes": num_classes, "start_epoch": start}
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if rank == 0:
-                torch.save({"model": plain_state_dict(model), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch,
-                            "teacher": config["teacher"], "num_classes": num_classes},
-                           Path(folder) / STATE_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        bar.set_description(f"pre-train {config['teacher']} (epoch {epoch + 1}: loss {metrics['loss']:.2f}, "
+                            f"train acc {metrics['acc']:.2f})")
+        state = None
+        if rank == 0:
+            state = {"model": plain_state_dict(model), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "teacher": config["teacher"],
+                     "num_classes": num_classes}
+        session.report(metrics, state)
+    bar.close()
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop."""
+    fit_teacher(config, RaySession())
 
 
 # ---------------------------------------------------------------------- driver
@@ -186,11 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05, help="SGD (Nesterov, momentum 0.9) rate, cosine decay")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--augment", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=True,
-                   help="random crop, flip, colour jitter (default true)")
+    p.add_argument("--augment", action=BoolFlag, default=True,
+                   help="random crop, flip, colour jitter (default on; --no-augment turns it off)")
     p.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--backend", default="ray", choices=("ray", "local"),
+                   help="ray (Ray Train workers, default) | local (one worker in this process, no Ray)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (--backend ray)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (CPU workers)")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
@@ -203,20 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+def world_size(args: argparse.Namespace) -> int:
+    return args.workers if args.backend == "ray" else 1
 
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """Pre-train the teacher of ``args``; writes ``--out`` and its ``.json`` summary, returns the summary."""
     from .data import ArrowFewShotDataset, resolve_dataset
 
     dataset_path = str(resolve_dataset(args.dataset, args.data_root, args.cache_dir))
-    dataset = ArrowFewShotDataset(dataset_path)
-    rows, _, num_classes = train_rows(dataset)
-    storage = Path(args.storage_path).resolve()
+    rows, _, num_classes = train_rows(ArrowFewShotDataset(dataset_path))
     widths = "-" + "-".join(map(str, args.teacher_widths)) if args.teacher_widths else ""
-    name = args.name or f"pretrain-{args.dataset}-{args.teacher}{widths}"
-    run_dir = storage / name
+    run_dir = Path(args.storage_path).resolve() / (args.name or f"pretrain-{args.dataset}-{args.teacher}{widths}")
     if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
         raise FileExistsError(f"{run_dir} holds a previous pre-training run: pass --resume to continue it, "
                               "or another --name / --storage-path to start afresh")
@@ -227,36 +308,102 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
               "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
               "label_smoothing": args.label_smoothing, "augment": args.augment, "max_steps": args.max_steps,
               "seed": args.seed, "threads_per_worker": args.threads_per_worker, "fail_marker": args.fail_marker}
-    log.info("pre-training %s on %d images of %d %s train classes with %d %s worker(s), %d epochs",
-             args.teacher, len(rows), num_classes, args.dataset, args.workers, "GPU" if args.use_gpu else "CPU",
-             args.epochs)
+    log.info("pre-training %s on %d images of %d %s train classes with %d %s worker(s) (%s), %d epochs",
+             args.teacher, len(rows), num_classes, args.dataset, world_size(args), "GPU" if args.use_gpu else "CPU",
+             "Ray Train" if args.backend == "ray" else "this process", args.epochs)
+    started = time.perf_counter()
+    state, metrics = (_fit_on_ray if args.backend == "ray" else _fit_here)(args, config, run_dir)
+    out = Path(args.out) if args.out else run_dir / "teacher.pt"
+    atomic_write(out, lambda tmp: torch.save(state["model"], tmp))
+    summary = {"out": str(out), "teacher": args.teacher, "teacher_widths": args.teacher_widths,
+               "dataset": args.dataset, "num_classes": num_classes, "images": int(len(rows)),
+               "epochs": int(state["epoch"]) + 1, "workers": world_size(args), "backend": args.backend,
+               "run_dir": str(run_dir), "wall_s": round(time.perf_counter() - started, 1),
+               "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    atomic_write(out.with_suffix(out.suffix + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    log.info("teacher weights written to %s (train acc %.3f)", out, summary["metrics"].get("acc", math.nan))
+    return summary
+
+
+def _fit_on_ray(args: argparse.Namespace, config: dict[str, Any], run_dir: Path
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ray Train's ``TorchTrainer``: the last checkpoint's state and the last metrics."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
-    resources = None if args.use_gpu else {"CPU": 1}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
+                                               resources_per_worker=None if args.use_gpu else {"CPU": 1}),
+        run_config=ray.train.RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                                        failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                                       # plain print in the workers: tqdm_ray's bar reaches the driver as is
+                                       worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
     )
-    started = time.perf_counter()
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"pre-training run {run_dir} reported no checkpoint")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    out = Path(args.out) if args.out else run_dir / "teacher.pt"
-    atomic_write(out, lambda tmp: torch.save(state["model"], tmp))
-    summary = {"out": str(out), "teacher": args.teacher, "teacher_widths": args.teacher_widths,
-               "dataset": args.dataset, "num_classes": num_classes, "images": int(len(rows)),
-               "epochs": int(state["epoch"]) + 1, "workers": args.workers, "run_dir": str(run_dir),
-               "wall_s": round(time.perf_counter() - started, 1),
-               "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
-    atomic_write(out.with_suffix(out.suffix + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    log.info("teacher weights written to %s (train acc %.3f)", out, summary["metrics"].get("acc", math.nan))
-    return summary
+    return state, result.metrics or {}
+
+
+def _fit_here(args: argparse.Namespace, config: dict[str, Any], run_dir: Path
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One worker in this process (no Ray): the state after the last epoch and its metrics."""
+    if args.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("--use-gpu: torch sees no CUDA device here")
+    session = LocalSession(run_dir, torch.device("cuda" if args.use_gpu else "cpu"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fit_teacher(config, session)
+    state = session.restore()
+    if state is None:
+        raise RuntimeError(f"pre-training run {run_dir} wrote no checkpoint")
+    return state, session.metrics
+
+
+def pretrain_args(**settings: Any) -> argparse.Namespace:
+    """The command line's defaults with ``settings`` (option names with underscores) in their place."""
+    args = build_parser().parse_args([])
+    unknown = sorted(set(settings) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"unknown pre-training setting(s): {', '.join(unknown)}")
+    return argparse.Namespace(**{**vars(args), **settings})
+
+
+def cache_key(args: argparse.Namespace, dataset_path: str | Path) -> str:
+    """Digest of the settings that shape the weights and of the prepared dataset they train on."""
+    from .data.arrow import META_FILE
+
+    record = {name: getattr(args, name) for name in RESULT_SETTINGS} | {"world": world_size(args)}
+    record["dataset"] = [str(Path(dataset_path).resolve()), hashlib.sha256(
+        (Path(dataset_path) / META_FILE).read_bytes()).hexdigest()]
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`pretrain` once per :func:`cache_key`, into ``CACHE_DIR/teachers/DATASET-TEACHER-KEY/``.
+
+    A finished teacher there is reused (``"cached": True`` in the summary); an interrupted run
+    there is resumed from its last epoch.
+    """
+    from .data import resolve_dataset
+
+    dataset_path = resolve_dataset(args.dataset, args.data_root, args.cache_dir)
+    folder = Path(args.cache_dir) / "teachers" / f"{args.dataset}-{args.teacher}-{cache_key(args, dataset_path)}"
+    out = folder / "teacher.pt"
+    summary_file = out.with_suffix(out.suffix + ".json")
+    if out.is_file() and summary_file.is_file():
+        log.info("reusing the pre-trained teacher %s", out)
+        return {**json.loads(summary_file.read_text()), "cached": True}
+    run = argparse.Namespace(**{**vars(args), "storage_path": str(folder), "name": "ray", "out": str(out),
+                                "resume": True})
+    return {**pretrain(run), "cached": False}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
