@@ -28,7 +28,7 @@ SPLITS = ("train", "val", "test")
 IMAGES_FILE = "images.arrow"
 META_FILE = "meta.json"
 SPILL_FILE = "images.spill"  # raw pixels in arrival order, removed once images.arrow is written
-_CHUNK_ROWS = 4096
+_CHUNK_BYTES = 1 << 20  # pixels read back from the spill file at a time
 
 Record = tuple[str, str, np.ndarray]
 ExtraFiles = Callable[[dict[str, Any]], Mapping[str, str]]
@@ -53,12 +53,12 @@ class _Spilled:
         return int(np.prod(self.row_shape))
 
     def chunks(self, stop: int | None = None) -> Iterator[np.ndarray]:
-        """Images ``(n, H, W, C)`` of rows ``[0, stop)`` in label order, ``_CHUNK_ROWS`` at a time."""
+        """Images ``(n, H, W, C)`` of rows ``[0, stop)`` in label order, about ``_CHUNK_BYTES`` at a time."""
         rows = self.order[:stop]
+        step = max(1, _CHUNK_BYTES // self.row_bytes)
         with open(self.path, "rb") as raw:
-            for start in range(0, len(rows), _CHUNK_ROWS):
-                chunk = _read_rows(raw, rows[start : start + _CHUNK_ROWS], self.row_bytes)
-                yield chunk.reshape(-1, *self.row_shape)
+            for start in range(0, len(rows), step):
+                yield _read_rows(raw, rows[start : start + step], self.row_bytes).reshape(-1, *self.row_shape)
 
 
 def write_dataset(
@@ -202,14 +202,13 @@ def _with_stats(preprocess: Mapping[str, Any], data: _Spilled) -> dict[str, Any]
 
 
 def channel_stats(chunks: Iterable[np.ndarray]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std, in float64, of uint8 NHWC image ``chunks`` scaled to [0, 1]."""
-    total = total_sq = 0.0
-    count = 0
+    """Per-channel mean and std of uint8 NHWC image ``chunks`` scaled to [0, 1] (exact integer sums)."""
+    total = total_sq = count = 0
     for images in chunks:
-        x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-        total, total_sq, count = total + x.sum(0), total_sq + np.square(x).sum(0), count + len(x)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        x = images.reshape(-1, images.shape[-1]).astype(np.int64)
+        total, total_sq, count = total + x.sum(0), total_sq + (x * x).sum(0), count + len(x)
+    mean = total / (255.0 * count)
+    std = np.sqrt(np.maximum(total_sq / (255.0**2 * count) - mean**2, 0.0))
     return mean.tolist(), std.tolist()
 
 

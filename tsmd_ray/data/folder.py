@@ -238,6 +238,7 @@ def prepare_folder(
 ) -> Path:
     """Prepare the ImageFolder tree ``source`` into the dataset directory ``out``; returns ``out``."""
     options = _checked(options)
+    log.info("listing the image files of %s", source)
     return _prepare(scan_folder(Path(source), depth), Path(out), options, depth=depth)
 
 
@@ -258,6 +259,7 @@ def _checked(options: PrepareOptions | None) -> PrepareOptions:
 def _prepare(catalog: Catalog, out: Path, options: PrepareOptions, **source_info: Any) -> Path:
     chosen = assign_splits(list(catalog.classes), options)
     report = Report(sum(map(len, catalog.classes.values())), catalog.ignored, options.min_images)
+    log.info("%s: %d image files in %d classes", catalog.source, report.files, len(catalog.classes))
     report.left_out = {c: len(f) for c, f in catalog.classes.items() if len(f) < options.min_images}
     splits = {s: [c for c in chosen[s] if c not in report.left_out] for s in SPLITS}
     preprocess = {"size": [options.image_size] * 2, "channels": options.channels, "invert": options.invert}
