@@ -12,8 +12,10 @@ PYTEST_ARGS ?=
 setup:
 	@scripts/bootstrap.sh $(VENV)
 
+# The paper's pipeline sized to the machine (tsmd_ray.pipeline: configs/laptop.yaml without a GPU,
+# configs/gpu.yaml with one): pre-train the teacher, meta-train TSMD, meta-test. make train ARGS="..."
 train: setup
-	$(PY) -m tsmd_ray.train $(ARGS)
+	@$(PY) -m tsmd_ray.pipeline $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
