@@ -9,6 +9,9 @@ child process (output ``--image-size``, RGB, ``--workers`` decoding processes), 
 - ``images_per_s``: images / wall seconds of the preparation itself, listing the files included
   (from the child's first log line, after its imports, to its summary line; ``startup_s`` is the
   imports);
+- ``cpu_s``: CPU seconds of the whole run (imports and decoding processes included), which
+  depends much less than wall time on what else runs on the machine: the difference between two
+  runs divided by the difference in images is the CPU cost of one image;
 - ``main_anon_before_mb``: the main process's anonymous memory (``RssAnon``) once imported, before
   the first image; ``peak_main_anon_mb``: its largest sampled value, so the difference is what
   preparing costs in that process;
@@ -29,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -118,10 +122,16 @@ class Sampler(threading.Thread):
             time.sleep(self.interval)
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished children (and their reaped children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_once(source: Path, out: Path, images: int, image_size: int, workers: int) -> dict:
     cmd = [sys.executable, "-m", "tsmd_ray.data", "prepare", "folder", "--source", str(source),
            "--out", str(out), "--image-size", str(image_size), "--workers", str(workers)]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu()
     child = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, bufsize=1)
     sampler = Sampler(child.pid)
     sampler.start()
@@ -141,6 +151,7 @@ def run_once(source: Path, out: Path, images: int, image_size: int, workers: int
         "images": images, "workers": workers, "image_size": image_size,
         "images_per_s": round(images / (end - first_line), 1),
         "prepare_s": round(end - first_line, 2), "startup_s": round(first_line - start, 2),
+        "cpu_s": round(_children_cpu() - cpu_start, 2),
         "main_anon_before_mb": round(before / 1024, 1),
         "peak_main_anon_mb": round(sampler.main_anon / 1024, 1),
         "peak_main_rss_mb": round(sampler.main_hwm / 1024, 1),
