@@ -63,7 +63,7 @@ def _ratios(text: str) -> tuple[float, ...]:
     except ValueError:
         values = ()
     if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three numbers TRAIN,VAL,TEST such as 0.6,0.2,0.2, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected three numbers TRAIN,VAL,TEST (e.g. 0.6,0.2,0.2), got {text!r}")
     return values
 
 
