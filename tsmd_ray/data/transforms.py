@@ -10,7 +10,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import ChannelMismatchError, ImageReadError
 
@@ -22,10 +22,12 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 def open_image(file: str | os.PathLike | IO[bytes], name: str) -> Image.Image:
-    """Open and fully decode an image; ``ImageReadError`` naming ``name`` if that fails."""
+    """Open and fully decode an image, upright by its EXIF orientation (phone photos);
+    ``ImageReadError`` naming ``name`` if that fails."""
     try:
         image = Image.open(file)
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
         raise ImageReadError(f"cannot read image {name}: {exc}") from exc
     return image
