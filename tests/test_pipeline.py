@@ -56,6 +56,12 @@ def test_tiny_pipeline_pretrains_meta_trains_and_evaluates(tiny_run, capsys):
     baseline = Config.from_yaml(tmp / "run-student" / "config.yaml")
     assert baseline.method == "student" and baseline.iterations == 1 and baseline.profile == "tiny"
     assert set(record["baseline"]["results"]) == {"student"}
+    difference = pipeline.paired_difference(record["train"], record["baseline"])
+    per_episode = zip(record["train"]["results"]["student"]["per_episode"],
+                      record["baseline"]["results"]["student"]["per_episode"])
+    assert difference["mean"] == pytest.approx(sum(a - b for a, b in per_episode) / 4)
+    assert "alone (MAML), for comparison" in pipeline.format_results(record)
+    assert "taught minus alone, paired over the same episodes" in pipeline.format_results(record)
     assert set(record["seconds"]) == {"pretrain", "train", "baseline", "total"}
     assert load_checkpoint(tmp / "run" / "checkpoint.pt")["iteration"] == 1
 
@@ -71,6 +77,7 @@ def test_output_names_the_profile_first_and_ends_with_next_steps(tiny_run, capsy
     assert record["teacher"]["cached"] and "baseline" not in record
     results = out[out.index("Results"):]
     assert "teacher  conv4 8-8-8-8" in results and "student  conv4 4-4-4-4" in results and "+-" in results
+    assert "paired" not in results  # no comparison run this time
     assert f"python -m tsmd_ray.evaluate --checkpoint {tmp / 'run' / 'checkpoint.pt'}" in out
     assert f"python -m tsmd_ray.adapt --checkpoint {tmp / 'run' / 'checkpoint.pt'}" in out
     assert f"python -m tsmd_ray.predict --model {tmp / 'run' / 'my_student'}" in out
@@ -92,7 +99,8 @@ def test_profiles_shipped_in_configs_are_valid():
     for plan in (laptop, gpu):  # the paper's settings
         cfg = plan.train
         assert (cfg.method, cfg.inner_steps, cfg.beta, cfg.eta, cfg.resolved_kd_loss) == ("tsmd", 5, 1e-5, 1e-3, "kl")
-        assert cfg.test_episodes == 800 and plan.baseline == {}
+        assert plan.baseline == {}
+    assert gpu.train.test_episodes == 800 and not gpu.train.first_order_teacher  # the paper's protocol
 
 
 def test_default_profile_follows_the_hardware():

@@ -32,6 +32,7 @@ from typing import Any
 from .checkpoint import CheckpointError, atomic_write
 from .config import BoolFlag, Config, add_config_arguments, load_yaml
 from .pretrain import cached_pretrain, pretrain_args
+from .training import summarise
 
 log = logging.getLogger("tsmd_ray.pipeline")
 
@@ -162,9 +163,23 @@ def format_results(record: dict[str, Any]) -> str:
     for model, arch, how, s in rows:
         if s is not None:
             lines.append(f"  {model:8s} {arch:18s} {how:32s} {100 * s['mean']:6.2f}% +- {100 * s['ci95']:.2f}")
+    difference = paired_difference(result, record.get("baseline"))
+    if difference is not None:
+        lines.append(f"  {'taught minus alone, paired over the same episodes':60s} {100 * difference['mean']:+6.2f}"
+                     f"  +- {100 * difference['ci95']:.2f} points")
     seconds = record["seconds"]
     lines.append("  time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     return "\n".join(lines)
+
+
+def paired_difference(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, float] | None:
+    """Student accuracy of ``result`` minus that of ``baseline``, episode by episode (same seeded episodes)."""
+    if baseline is None or "student" not in result["results"]:
+        return None
+    mine, alone = result["results"]["student"], baseline["results"]["student"]
+    if len(mine.get("per_episode", [])) != len(alone.get("per_episode", [])) or not mine.get("per_episode"):
+        return None
+    return summarise([a - b for a, b in zip(mine["per_episode"], alone["per_episode"])])
 
 
 def format_next_steps(record: dict[str, Any]) -> str:
@@ -225,7 +240,7 @@ def _start_ray(cfg: Config) -> bool:
 
     if cfg.backend != "ray" or ray.is_initialized():
         return False
-    ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    ray.init(logging_level=logging.WARNING)
     return True
 
 

@@ -333,7 +333,7 @@ def _fit_on_ray(args: argparse.Namespace, config: dict[str, Any], run_dir: Path
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+        ray.init(logging_level=logging.WARNING)
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
