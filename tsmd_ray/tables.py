@@ -204,3 +204,34 @@ def plot_table(data: dict[str, Any], out: str | Path, title: str | None = None) 
     if title:
         ax.set_title(title)
     return save_figure(fig, out, dpi=110)
+
+
+def plot_validation_curves(cells: Sequence[CellLike], out: str | Path, title: str | None = None) -> Path | None:
+    """Meta-validation accuracy of each cell's row model against the iteration, one panel per setting,
+    one line per method and seed (dots: the best validation, the weights early stopping tests)."""
+    from .plots import plt, read_metrics, save_figure, series
+
+    colours = {"student": "#1f77b4", "fixed-teacher": "#2ca02c", "tsmd": "#d62728", "oracle": "#7f7f7f"}
+    settings = list(dict.fromkeys(c.setting for c in cells))
+    curves = [(c, series(read_metrics(c.out / "metrics.jsonl")).get(f"val/{ROW_MODEL[c.method]}_acc"))
+              for c in cells if (c.out / "metrics.jsonl").is_file()]
+    if not any(curve for _, curve in curves):
+        return None
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        for cell, curve in curves:
+            if cell.setting != setting or not curve:
+                continue
+            steps, values = curve
+            best = max(range(len(values)), key=values.__getitem__)
+            label = f"{ROW_NAMES[cell.method]} (seed {cell.seed})"
+            ax.plot(steps, [100 * v for v in values], color=colours[cell.method], alpha=0.8, lw=1.2, label=label)
+            ax.plot(steps[best], 100 * values[best], "o", color=colours[cell.method], ms=4)
+        ax.set_title(setting)
+        ax.set_xlabel("meta-iteration")
+        ax.set_ylabel("meta-validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, out, dpi=100)
