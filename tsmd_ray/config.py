@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,12 +19,19 @@ from typing import Any
 
 import yaml
 
+from .errors import RequestError
+
 METHODS = ("student", "fixed-teacher", "tsmd", "oracle")
 META_ALGORITHMS = ("maml", "reptile")
 KD_LOSSES = ("auto", "kl", "rkd")
 TASK_BATCHING = ("auto", "vmap", "loop")
 DTYPES = ("float32", "float64")
 BATCH_NORM = ("support", "transductive")
+# keys that only the teacher, only the student, or only distillation use (Config.inert_keys)
+TEACHER_KEYS = frozenset({"teacher", "teacher_widths", "teacher_weights", "teacher_init", "alpha", "beta",
+                          "first_order_teacher", "learn_to_teach"})
+STUDENT_KEYS = frozenset({"student", "student_widths", "lam", "eta", "first_order_student", "learn_to_teach"})
+KD_KEYS = frozenset({"kd_loss", "kd_weight", "kd_temperature", "rkd_distance_weight", "rkd_angle_weight"})
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -118,9 +127,7 @@ class Config:
     profile: str | None = _opt(None, "the preset this configuration came from (set by make train)")
 
     def __post_init__(self) -> None:
-        self.student_widths = list(self.student_widths)
-        if self.teacher_widths is not None:
-            self.teacher_widths = list(self.teacher_widths)
+        _coerce(self)
         self.validate()
 
     # ------------------------------------------------------------------ derived values
@@ -147,55 +154,28 @@ class Config:
     def test_inner_steps(self) -> int:
         return self.eval_inner_steps if self.eval_inner_steps is not None else self.inner_steps
 
+    @property
+    def inert_keys(self) -> frozenset[str]:
+        """Keys that change nothing with this method and KD loss (a sweep searching them is wasted)."""
+        keys = set()
+        if not self.has_teacher:
+            keys |= TEACHER_KEYS | KD_KEYS
+        if not self.has_student:
+            keys |= STUDENT_KEYS | KD_KEYS
+        if not self.adapts_teacher:
+            keys |= {"alpha", "beta", "first_order_teacher"}
+        if self.method != "tsmd":
+            keys.add("learn_to_teach")
+        keys |= {"kd_temperature"} if self.resolved_kd_loss == "rkd" else {"rkd_distance_weight", "rkd_angle_weight"}
+        return frozenset(keys)
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid setting."""
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
-        for name in ("ways", "shots", "query", "meta_batch", "iterations", "test_episodes"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.ways < 2:
-            raise ValueError(f"ways must be at least 2 for classification, got {self.ways}")
-        for name in ("inner_steps", "eval_every", "val_episodes", "checkpoint_every", "workers", "vmap_chunk",
-                     "patience"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be zero or positive, got {getattr(self, name)}")
-        if self.eval_inner_steps is not None and self.eval_inner_steps < 0:
-            raise ValueError(f"eval_inner_steps must be zero or positive, got {self.eval_inner_steps}")
-        for name in ("alpha", "beta", "lam", "eta", "kd_temperature"):
-            value = float(getattr(self, name))
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {value}")
-        for name in ("kd_weight", "rkd_distance_weight", "rkd_angle_weight", "gpus_per_worker"):
-            value = float(getattr(self, name))
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be zero or a positive finite number, got {value}")
-        if self.threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker must be at least 1, got {self.threads_per_worker}")
-        if self.meta_algorithm == "reptile" and self.inner_steps < 1:
-            raise ValueError("reptile needs inner_steps >= 1")
-        if self.patience and not (self.eval_every and self.val_episodes):
-            raise ValueError(f"patience={self.patience} needs meta-validation: set eval_every and val_episodes above 0")
-        self._validate_teacher()
-        if self.aggregation == "allreduce" and self.backend != "ray":
-            raise ValueError(f"aggregation=allreduce needs backend=ray, got backend={self.backend!r}")
-        if self.aggregation == "allreduce" and self.workers > self.meta_batch:
-            raise ValueError(f"aggregation=allreduce needs workers <= meta_batch (every worker takes at least "
-                             f"one task), got workers={self.workers}, meta_batch={self.meta_batch}")
-
-    def _validate_teacher(self) -> None:
-        """A fixed teacher is never trained here: its body must come from somewhere, its head is random."""
-        if self.method != "fixed-teacher":
-            return
-        if not (self.teacher_init or self.teacher_weights or self.allow_random_teacher):
-            raise ValueError("method=fixed-teacher needs a trained teacher: pass --teacher-init (a "
-                             "tsmd_ray.pretrain checkpoint) or --teacher-weights (a torchvision weights file)")
-        if self.resolved_kd_loss == "kl":
-            raise ValueError("kd_loss=kl with method=fixed-teacher distils from a head that is never trained "
-                             "(its N-way head is random); use kd_loss rkd or method tsmd")
+        """Raise :class:`~tsmd_ray.errors.RequestError` naming the first invalid setting (or
+        combination) and the accepted range; every rule is listed in docs/errors.md."""
+        for check in (_check_types, _check_choices, _check_ranges, _check_validation, _check_workers,
+                      _check_teacher, _check_kd):
+            check(self)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -204,11 +184,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
-        known = {f.name for f in fields(cls)}
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - known)
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"unknown configuration key(s): {', '.join(unknown)}")
+            raise RequestError("config.unknown-key", f"unknown configuration key(s): {', '.join(unknown)}"
+                                                     f"{_did_you_mean(unknown[0], CONFIG_KEYS)}; see --help")
         return cls(**data)
 
     @classmethod
@@ -229,13 +209,144 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+# ---------------------------------------------------------------------- validation rules
+def _kind(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def _coerce(cfg: Config) -> None:
+    """Widths as lists; numbers for float keys (YAML 1.1 reads ``1e-5`` as a string)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, tuple):
+            setattr(cfg, f.name, list(value))
+        elif _kind(f) == "float" and not isinstance(value, bool) and isinstance(value, (int, str)):
+            try:
+                setattr(cfg, f.name, float(value))
+            except ValueError:
+                pass  # _check_types names it
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if value is None:
+        return kind.endswith("| None")
+    kind = kind.removesuffix(" | None")
+    if kind == "list[int]":
+        return isinstance(value, list) and bool(value) and all(_type_ok("int", v) and v > 0 for v in value)
+    expected = {"bool": bool, "int": int, "float": float, "str": str}[kind]
+    return isinstance(value, expected) and (kind == "bool" or not isinstance(value, bool))
+
+
+_TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+               "list[int]": "a non-empty list of positive integers"}
+
+
+def _check_types(cfg: Config) -> None:
+    for f in fields(cfg):
+        kind, value = _kind(f), getattr(cfg, f.name)
+        if not _type_ok(kind, value):
+            accepted = _TYPE_NAMES[kind.removesuffix(" | None")] + (" or null" if kind.endswith("| None") else "")
+            raise RequestError("config.type", f"{f.name} must be {accepted}, got {value!r}")
+
+
+def _check_choices(cfg: Config) -> None:
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise RequestError("config.choice", f"{f.name}={getattr(cfg, f.name)!r} is not one of {', '.join(choices)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise RequestError("config.choice", f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+# lowest accepted value of integer keys, and how the message states it
+_MINIMA = {"ways": (2, "at least 2 for classification"), "threads_per_worker": (1, "at least 1"),
+           **{k: (1, "a positive integer") for k in ("shots", "query", "meta_batch", "iterations", "test_episodes",
+                                                     "checkpoint_every")},
+           **{k: (0, "zero or positive") for k in ("inner_steps", "eval_inner_steps", "eval_every", "val_episodes",
+                                                   "workers", "vmap_chunk", "patience")}}
+_POSITIVE = ("alpha", "beta", "lam", "eta", "kd_temperature")
+_NON_NEGATIVE = ("kd_weight", "rkd_distance_weight", "rkd_angle_weight", "gpus_per_worker")
+
+
+def _check_ranges(cfg: Config) -> None:
+    for name, (low, accepted) in _MINIMA.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise RequestError("config.range", f"{name} must be {accepted}, got {value}")
+    for names, accepted, ok in ((_POSITIVE, "a positive finite number", lambda v: v > 0),
+                                (_NON_NEGATIVE, "zero or a positive finite number", lambda v: v >= 0)):
+        for name in names:
+            value = getattr(cfg, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise RequestError("config.range", f"{name} must be {accepted}, got {value}")
+    if cfg.meta_algorithm == "reptile" and cfg.inner_steps < 1:
+        raise RequestError("config.reptile-steps", f"inner_steps must be at least 1 with meta_algorithm=reptile, "
+                                                   f"got {cfg.inner_steps}")
+
+
+def _check_validation(cfg: Config) -> None:
+    """Early stopping needs meta-validations that happen."""
+    if cfg.patience and not (1 <= cfg.eval_every <= cfg.iterations and cfg.val_episodes):
+        raise RequestError("config.patience", f"patience={cfg.patience} needs meta-validation: eval_every must be "
+                           f"between 1 and iterations ({cfg.iterations}) and val_episodes at least 1, got "
+                           f"eval_every={cfg.eval_every}, val_episodes={cfg.val_episodes}")
+
+
+def _check_workers(cfg: Config) -> None:
+    """Task batching, aggregation and devices against the meta-batch and each other."""
+    if cfg.vmap_chunk > cfg.meta_batch:
+        raise RequestError("config.vmap-chunk", f"vmap_chunk must be between 0 (all tasks at once) and meta_batch "
+                           f"({cfg.meta_batch}), got {cfg.vmap_chunk}")
+    if cfg.gpus_per_worker and cfg.device == "cpu":
+        raise RequestError("config.gpus-on-cpu", f"gpus_per_worker must be 0 with device=cpu, "
+                           f"got {cfg.gpus_per_worker}")
+    if cfg.aggregation == "allreduce" and cfg.backend != "ray":
+        raise RequestError("config.allreduce", f"aggregation=allreduce needs backend=ray, got backend={cfg.backend!r}")
+    if cfg.aggregation == "allreduce" and cfg.workers > cfg.meta_batch:
+        raise RequestError("config.allreduce", f"workers must be between 0 and meta_batch ({cfg.meta_batch}) with "
+                           f"aggregation=allreduce (every worker takes at least one task), got {cfg.workers}")
+
+
+def _check_teacher(cfg: Config) -> None:
+    """A fixed teacher is never trained here: its body must come from somewhere, its head is random."""
+    if cfg.method != "fixed-teacher":
+        return
+    if not (cfg.teacher_init or cfg.teacher_weights or cfg.allow_random_teacher):
+        raise RequestError("config.fixed-teacher", "method=fixed-teacher needs a trained teacher: pass --teacher-init "
+                           "(a tsmd_ray.pretrain checkpoint) or --teacher-weights (a torchvision weights file)")
+    if cfg.resolved_kd_loss == "kl":
+        raise RequestError("config.fixed-teacher", "kd_loss=kl with method=fixed-teacher distils from a head that is "
+                           "never trained (its N-way head is random); use kd_loss rkd or method tsmd")
+
+
+def _check_kd(cfg: Config) -> None:
+    """Learning to teach sends the student's query loss to psi through L_KD: tsmd with KD only."""
+    if cfg.learn_to_teach and (cfg.method != "tsmd" or not cfg.kd_weight):
+        raise RequestError("config.learn-to-teach", f"learn_to_teach needs method=tsmd and kd_weight > 0, got "
+                           f"method={cfg.method!r}, kd_weight={cfg.kd_weight}")
+
+
+CONFIG_KEYS = frozenset(f.name for f in fields(Config))
+
+
+def _did_you_mean(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file holds; a missing file, bad YAML or another value is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise RequestError("file.yaml", f"{path} is not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+        raise RequestError("file.yaml", f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
 
 
