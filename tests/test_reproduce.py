@@ -105,15 +105,25 @@ def test_resume_retrains_only_unfinished_or_changed_cells(omniglot_dataset, tmp_
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(omniglot_dataset, tmp_path):
     grid = write_grid(tmp_path / "tiny.yaml", omniglot_dataset, methods=("student", "tsmd"))
     spec = yaml.safe_load(grid.read_text())
-    spec["method_overrides"]["tsmd"] = {"teacher_init": str(tmp_path / "missing.pt")}
+    spec["method_overrides"]["tsmd"] = {"alpha": 1e30}  # the teacher's inner loop diverges at once
     grid.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
     data = reproduce(grid, out)
     assert "failed" in data["table"]["tsmd"]["5-way 1-shot"]
     assert data["table"]["student"]["5-way 1-shot"]["episodes"] == 6
     text = (out / "results.md").read_text()
-    assert "| Ours | failed† |" in text and "missing.pt" in text
+    assert "| Ours | failed† |" in text and "non-finite" in text
     assert (out / "results.png").is_file()
+
+
+def test_a_bad_cell_is_refused_before_the_grid_starts(omniglot_dataset, tmp_path):
+    grid = write_grid(tmp_path / "tiny.yaml", omniglot_dataset, methods=("student", "tsmd"))
+    spec = yaml.safe_load(grid.read_text())
+    spec["method_overrides"]["tsmd"] = {"teacher_init": str(tmp_path / "missing.pt")}
+    grid.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="cell 5-way 1-shot/tsmd/seed 0: teacher_init=.*missing.pt': no such file"):
+        reproduce(grid, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
 def _write_evaluation(out, per_episode: dict) -> None:

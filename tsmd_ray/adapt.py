@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from .algorithms import detached, parameters_of, run_task
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .config import Config
-from .data.errors import DataError
 from .engine import DataSpec, build_models, build_objective, resolve_device
+from .errors import entry_point
 from .export import cpu_latency_ms, export_model, freeze_batchnorm, parameter_count, state_dict_bytes
+from .preflight import check_out_dir, check_torch_device
 from .predict import (BATCH_NORM_POLICY, DEPLOY_FILE, EXPORT_FILE, MODEL_FILE, MODEL_KIND, REPORT_FILE,
                       ClientError, load_images)
 
@@ -155,6 +156,8 @@ def adapt(checkpoint: str | Path, support: str | Path, out: str | Path, method: 
     """Adapt the server's pair to the support folder, write the student to ``out``; returns the report."""
     if method not in METHODS:
         raise ClientError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    check_out_dir("--out", out)
+    check_torch_device("--device", device)
     cfg, data = load_server_checkpoint(checkpoint)
     files = support_files(support)
     classes = list(files)
@@ -231,16 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        report = adapt(args.checkpoint, args.support, args.out, args.method, args.steps, args.device)
-    except (CheckpointError, DataError, ClientError, FileNotFoundError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 2
+def _main(args: argparse.Namespace) -> int:
+    report = adapt(args.checkpoint, args.support, args.out, args.method, args.steps, args.device)
     print(summary(report, args.out))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -27,10 +27,12 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .algorithms import Outputs, adapt_student, adapt_teacher, detached, forward, parameters_of, query_logits
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import Config
 from .data import ArrowFewShotDataset, EpisodeSampler, resolve_dataset
 from .engine import MetaLearner, DataSpec, TaskWorker
+from .errors import RequestError, entry_point
+from .preflight import check_minimum, check_out_file, check_splits
 from .training import summarise
 
 log = logging.getLogger("tsmd_ray.diagnostics")
@@ -90,13 +92,15 @@ def diagnose_episode(worker: TaskWorker, episode: Any) -> dict[str, Any]:
 
 def diagnose(checkpoint: str, split: str = "val", episodes: int = 100, **overrides: Any) -> dict[str, Any]:
     """Diagnostics of ``checkpoint`` over ``episodes`` seeded episodes of ``split``, averaged."""
+    check_minimum("--episodes", episodes, 1)
     payload = load_checkpoint(checkpoint)
     cfg = Config.from_checkpoint(payload["config"], backend="local", **{k: v for k, v in overrides.items()
                                                                          if v is not None})
     if not (cfg.has_teacher and cfg.has_student):
-        raise ValueError(f"{checkpoint} was meta-trained with method {cfg.method!r}: diagnostics need a teacher "
-                         "and a student (tsmd or fixed-teacher)")
+        raise RequestError("checkpoint.method", f"{checkpoint} was meta-trained with method={cfg.method!r}: "
+                           "diagnostics need a teacher and a student; accepted: a tsmd or fixed-teacher checkpoint")
     dataset = ArrowFewShotDataset(resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir))
+    check_splits(cfg, dataset, [split])
     learner = MetaLearner(cfg, DataSpec.of(dataset))
     learner.load_state_dict(payload["learner"])
     worker = TaskWorker(cfg, dataset)
@@ -132,8 +136,7 @@ def format_diagnostics(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tsmd_ray.diagnostics", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a tsmd/fixed-teacher run")
@@ -143,18 +146,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kd-weight", type=float, help="measure with another KD weight than the checkpoint's")
     parser.add_argument("--kd-temperature", type=float, help="measure with another temperature")
     parser.add_argument("--json", help="also write the result to this JSON file")
-    args = parser.parse_args(argv)
-    try:
-        result = diagnose(args.checkpoint, args.split, args.episodes, data_root=args.data_root,
-                          kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    check_out_file("--json", args.json)
+    result = diagnose(args.checkpoint, args.split, args.episodes, data_root=args.data_root,
+                      kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
     print(format_diagnostics(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

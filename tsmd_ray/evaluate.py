@@ -12,10 +12,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import Config
-from .data import resolve_dataset
-from .engine import MetaLearner, DataSpec
+from .data import ArrowFewShotDataset, resolve_dataset
+from .engine import DataSpec, MetaLearner
+from .errors import entry_point
+from .preflight import check_device, check_minimum, check_out_file, check_splits, check_workers
 from .train import format_result, make_runner
 from .training import evaluate
 
@@ -23,13 +25,19 @@ log = logging.getLogger("tsmd_ray.evaluate")
 
 
 def evaluate_checkpoint(path: str, episodes: int = 800, split: str = "test", **overrides: Any) -> dict[str, Any]:
-    """Evaluation of the checkpoint at ``path``; ``overrides`` replace config values (e.g. data_root)."""
+    """Evaluation of the checkpoint at ``path``; ``overrides`` replace config values (e.g. data_root).
+    The request is checked (checkpoint, data, resources) before Ray starts."""
+    check_minimum("--episodes", episodes, 1)
     payload = load_checkpoint(path)
     cfg = Config.from_checkpoint(payload["config"], **{k: v for k, v in overrides.items() if v is not None})
+    dataset_path = str(resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir))
+    check_splits(cfg, ArrowFewShotDataset(dataset_path), [split])
+    check_device(cfg)
+    check_workers(cfg)
     spec = DataSpec(payload["data"]["in_channels"], payload["data"]["image_size"])
     learner = MetaLearner(cfg, spec)
     learner.load_state_dict(payload["learner"])
-    runner = make_runner(cfg, str(resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir)))
+    runner = make_runner(cfg, dataset_path)
     try:
         summary = evaluate(runner, learner.weights(), split, episodes)
     finally:
@@ -38,8 +46,7 @@ def evaluate_checkpoint(path: str, episodes: int = 800, split: str = "test", **o
             "shots": cfg.shots, "split": split, "iteration": payload["iteration"], "results": summary}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tsmd_ray.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by tsmd_ray.train")
@@ -49,19 +56,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("ray", "local"), help="default: the checkpoint's")
     parser.add_argument("--workers", type=int, help="Ray worker actors (default: the checkpoint's)")
     parser.add_argument("--json", help="also write the result to this JSON file")
-    args = parser.parse_args(argv)
-    try:
-        result = evaluate_checkpoint(args.checkpoint, args.episodes, args.split, data_root=args.data_root,
-                                     backend=args.backend, workers=args.workers)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    check_out_file("--json", args.json)
+    result = evaluate_checkpoint(args.checkpoint, args.episodes, args.split, data_root=args.data_root,
+                                 backend=args.backend, workers=args.workers)
     print(format_result(result))
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

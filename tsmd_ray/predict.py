@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .data.errors import DataError
 from .data.transforms import image_channels, normalise, open_image, to_array
+from .errors import entry_point
 from .export import frozen_structure
 from .models import build_model
+from .preflight import check_torch_device
 
 log = logging.getLogger("tsmd_ray.predict")
 
@@ -108,20 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        results = AdaptedModel.load(args.model, args.device).predict(args.images)
-    except (CheckpointError, DataError, ClientError, FileNotFoundError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 2
+def _main(args: argparse.Namespace) -> int:
+    check_torch_device("--device", args.device)
+    results = AdaptedModel.load(args.model, args.device).predict(args.images)
     if args.json:
         print(json.dumps(results, indent=1))
     else:
         for r in results:
             print(f"{r['path']}\t{r['class']}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -45,10 +45,13 @@ from typing import Any
 import yaml
 
 from .config import METHODS, Config, load_yaml
+from .errors import RequestError, entry_point
+from .preflight import check_out_dir, check_training
 from .tables import FAILED, collect, markdown_table, plot_table
 
 log = logging.getLogger("tsmd_ray.reproduce")
 
+CANCEL_WAIT_S = 30.0  # how long interrupted cells get to end their MLflow runs
 # keys that may differ between a finished cell and the grid without invalidating it
 RUNTIME_KEYS = {"resume", "out", "backend", "workers", "gpus_per_worker", "threads_per_worker", "mlflow",
                 "experiment", "device", "data_root", "cache_dir", "task_batching", "vmap_chunk"}
@@ -78,23 +81,37 @@ def slug(text: str) -> str:
 
 
 # ---------------------------------------------------------------------- grid
+GRID_KEYS = ("name", "description", "base", "methods", "settings", "method_overrides", "runner", "notes", "mlflow",
+             "seeds")
+
+
+def _grid_error(path: str | Path, key: str, accepted: str, got: Any) -> RequestError:
+    return RequestError("grid", f"grid {path}: {key} must be {accepted}, got {got!r}")
+
+
 def load_grid(path: str | Path) -> dict[str, Any]:
+    """Read and check a grid file (the cells' configs are checked by :func:`expand`)."""
     grid = load_yaml(path)
-    unknown = sorted(set(grid) - {"name", "description", "base", "methods", "settings", "method_overrides",
-                                  "runner", "notes", "mlflow", "seeds"})
+    unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
-        raise ValueError(f"grid {path}: unknown key(s) {', '.join(unknown)}")
-    if not grid.get("settings"):
-        raise ValueError(f"grid {path} lists no settings (table columns)")
+        raise _grid_error(path, "every key", f"one of {', '.join(GRID_KEYS)}", unknown[0])
+    settings = grid.get("settings")
+    if not settings or not isinstance(settings, list) or not all(isinstance(s, dict) for s in settings):
+        raise _grid_error(path, "settings", "a non-empty list of mappings (table columns)", settings)
     methods = grid.setdefault("methods", list(METHODS))
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHODS] if isinstance(methods, list) else [methods]
     if bad:
-        raise ValueError(f"grid {path}: unknown method(s) {', '.join(bad)}; known: {', '.join(METHODS)}")
+        raise _grid_error(path, "methods", f"a list of {', '.join(METHODS)}", bad[0])
+    seeds = grid.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and seeds and all(type(k) is int for k in seeds)):
+        raise _grid_error(path, "seeds", "a non-empty list of integers", seeds)
+    for key in ("base", "method_overrides"):
+        if not isinstance(grid.setdefault(key, {}) or {}, dict):
+            raise _grid_error(path, key, "a mapping", grid[key])
+    grid["base"], grid["method_overrides"] = grid["base"] or {}, grid["method_overrides"] or {}
     grid.setdefault("name", Path(path).stem)
-    grid.setdefault("base", {})
-    grid.setdefault("method_overrides", {})
     if grid.get("runner", "tasks") not in ("tasks", "inline"):
-        raise ValueError(f"grid {path}: runner must be tasks or inline, got {grid['runner']!r}")
+        raise _grid_error(path, "runner", "tasks or inline", grid["runner"])
     return grid
 
 
@@ -123,8 +140,31 @@ def expand(grid: dict[str, Any], out: str | Path, resume: bool = False) -> list[
                         "out": str(folder / f"seed{seed}" if seed is not None else folder), "resume": resume}
                 if seed is not None:
                     data["seed"] = seed
-                cells.append(Cell(label, method, Config.from_dict(data)))
+                cells.append(Cell(label, method, _cell_config(grid, f"{label}/{method}/seed {seed}", data)))
     return cells
+
+
+def _cell_config(grid: dict[str, Any], cell: str, data: dict[str, Any]) -> Config:
+    """A cell's Config; a refusal names the grid and the cell."""
+    try:
+        return Config.from_dict(data)
+    except RequestError as exc:
+        raise RequestError(exc.rule, f"grid {grid['name']!r}, cell {cell}: {exc}") from None
+
+
+def check_cells(cells: Sequence[Cell], runner: str) -> None:
+    """What each cell's training needs (files, data, models, resources), before anything starts."""
+    datasets: dict[tuple[Any, ...], str] = {}
+    for cell in cells:
+        cfg = cell.cfg
+        key = (cfg.dataset, cfg.data_root, cfg.cache_dir)
+        try:
+            if cfg.backend == "ray" and runner == "tasks":  # one Ray task per cell, trained in its process:
+                cfg.replace(backend="local")  # what the task trains, and
+                cfg = cfg.replace(workers=1)  # its CPUs and GPUs, those of one worker
+            datasets[key] = check_training(cfg, datasets.get(key))
+        except RequestError as exc:
+            raise RequestError(exc.rule, f"cell {cell.name}: {exc}") from None
 
 
 def finished(cell: Cell) -> bool:
@@ -199,15 +239,36 @@ def run_cells(cells: Sequence[Cell], runner: str) -> dict[str, dict[str, Any]]:
                                                 name=f"cell:{slug(cell.setting)}/{cell.method}/{cell.seed}")
             pending[task.remote(cfg.to_dict())] = cell
         log.info("submitted %d cell(s) as Ray tasks", len(pending))
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            cell = pending.pop(done[0])
-            try:
-                results[cell.name] = ray.get(done[0])
-                log.info("cell %s finished (%d left)", cell.name, len(pending))
-            except Exception as exc:  # the task raised (after its retries): record it, go on
-                record_failure(cell, getattr(exc, "cause", None) or exc)
+        try:
+            _collect(pending, results)
+        except BaseException:  # Ctrl+C, SIGTERM, a lost cluster: the cells end their runs as KILLED
+            _cancel(pending)
+            raise
     return results
+
+
+def _collect(pending: dict[Any, Cell], results: dict[str, dict[str, Any]]) -> None:
+    """Wait for the cells' Ray tasks; a failed cell is recorded and the others go on."""
+    import ray
+
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(done[0])
+        try:
+            results[cell.name] = ray.get(done[0])
+            log.info("cell %s finished (%d left)", cell.name, len(pending))
+        except Exception as exc:  # the task raised (after its retries): record it, go on
+            record_failure(cell, getattr(exc, "cause", None) or exc)
+
+
+def _cancel(pending: dict[Any, Cell]) -> None:
+    """Interrupt the cells' running tasks (``KeyboardInterrupt`` in each, so that its training ends
+    its MLflow run as KILLED) and give them a moment to do so."""
+    import ray
+
+    for ref in pending:
+        ray.cancel(ref)
+    ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
 
 
 def log_to_mlflow(grid: dict[str, Any], data: dict[str, Any], out: Path) -> str | None:
@@ -264,12 +325,15 @@ def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool
     grid = load_grid(grid_path)
     unknown = sorted(set(methods or ()) - set(grid["methods"]))
     if unknown:
-        raise ValueError(f"--methods {', '.join(unknown)}: not in grid {grid_path} ({', '.join(grid['methods'])})")
+        raise RequestError("grid", f"--methods {', '.join(unknown)}: accepted the grid's methods "
+                           f"({', '.join(grid['methods'])}) in {grid_path}")
     out = Path(out or Path("runs") / grid["name"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    check_out_dir("--out", out)
     cells = expand(grid, out, resume)
     todo = [c for c in cells if not (resume and finished(c)) and (not methods or c.method in methods)]
+    check_cells(todo, grid.get("runner", "tasks"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
     skipped = len(cells) - len(todo)
     if not resume:  # a fresh grid: outputs of an earlier run of these cells must not be resumed from
         for cell in todo:
@@ -298,8 +362,7 @@ def write_configs(grid_path: str | Path, folder: str | Path, out: str | Path | N
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tsmd_ray.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", required=True, help="grid YAML (configs/*.yaml)")
@@ -308,20 +371,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help="train only these rows now (the table shows every finished cell)")
     parser.add_argument("--expand", metavar="DIR", help="only write one train config per cell into DIR")
-    args = parser.parse_args(argv)
-    try:
-        if args.expand:
-            for path in write_configs(args.grid, args.expand, args.out):
-                print(path)
-            return 0
-        data = reproduce(args.grid, args.out, args.resume, args.methods)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 2
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.expand:
+        for path in write_configs(args.grid, args.expand, args.out):
+            print(path)
+        return 0
+    data = reproduce(args.grid, args.out, args.resume, args.methods)
     print((Path(data["out"]) / "results.md").read_text())
     print(f"trained {len(data['trained'])} cell(s), skipped {data['skipped']} in {data['wall_s']} s; "
           f"table in {data['out']}/results.md and results.png")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)), resumable=True)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import sys
 from pathlib import Path
 
+from ..errors import RequestError, entry_point
+from ..preflight import check_minimum, check_out_dir
 from . import folder
 from .errors import DataError
 from .registry import PREPARERS
@@ -67,7 +68,17 @@ def _ratios(text: str) -> tuple[float, ...]:
     return values
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """``--source`` exists, ``--out`` can be a folder, ``--image-size`` is positive: before anything is read."""
+    if not args.source.exists():
+        raise RequestError("file.missing", f"--source {str(args.source)!r}: no such file or folder; accepted: "
+                           "the raw release, an image folder or a table")
+    check_out_dir("--out", args.out)
+    check_minimum("--image-size", args.image_size, 1)
+
+
 def _prepare(args: argparse.Namespace) -> Path:
+    _check_paths(args)
     own = {k: v for k, v in vars(args).items() if k not in ("command", "dataset", "source", "out", "image_size")}
     if args.dataset not in OWN:
         if own:
@@ -80,22 +91,20 @@ def _prepare(args: argparse.Namespace) -> Path:
         raise DataError("give --split or --split-dir, not both")
     depth = own.pop("depth", 1)
     options = folder.PrepareOptions(image_size=args.image_size or folder.DEFAULT_IMAGE_SIZE, **own)
+    options.check()
     if args.dataset == "folder":
         return folder.prepare_folder(args.source, args.out, depth, options)
     return folder.prepare_manifest(args.source, args.out, options)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = _prepare(args)
-    except (DataError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(out)
+def _main(args: argparse.Namespace) -> int:
+    print(_prepare(args))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2: a refused request, one line)."""
+    return entry_point("tsmd_ray.data", lambda: _main(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":
