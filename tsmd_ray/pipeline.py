@@ -80,7 +80,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         return Plan("config", source, Config.from_dict({**data, **flags, "profile": "config"}))
     unknown = sorted(set(data) - PROFILE_KEYS)
     if unknown:
-        raise ValueError(f"profile {path}: unknown key(s) {', '.join(unknown)} (expected {', '.join(sorted(PROFILE_KEYS))})")
+        raise ValueError(f"profile {path}: unknown key(s) {', '.join(unknown)} "
+                         f"(expected {', '.join(sorted(PROFILE_KEYS))})")
     name = data.get("profile", name)
     cfg = Config.from_dict({**data["train"], **flags, "profile": name})
     pretrain = data.get("pretrain") if cfg.has_teacher and not (cfg.teacher_init or cfg.teacher_weights) else None
@@ -246,6 +247,7 @@ def _start_ray(cfg: Config) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's start-up INFO lines between the bars
     args = build_parser().parse_args(argv)
     started_ray = False
     try:
