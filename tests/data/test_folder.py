@@ -257,19 +257,26 @@ def test_manifest_errors_name_the_table(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------- CLI
 
 
-def test_cli_prepare_folder_and_errors(photos: Path, tmp_path: Path, capsys) -> None:
+def test_cli_prepare_folder_and_errors(photos: Path, tmp_path: Path, capsys, caplog) -> None:
     out = tmp_path / "cli"
     args = ["prepare", "folder", "--source", str(photos), "--out", str(out), "--workers", "1"]
     assert main([*args, "--image-size", "10", "--channels", "1", "--split", "1,1,1", "--seed", "3"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     ds = ArrowFewShotDataset(out)
     assert ds.shape == (10, 10, 1) and ds.meta["source"]["ratios"] == [1, 1, 1]
-    assert main([*args, "--strict"]) == 2
-    assert "corrupt.jpg" in capsys.readouterr().err and ArrowFewShotDataset(out).shape == (10, 10, 1)  # kept
-    assert main(["prepare", "omniglot", "--source", str(photos), "--out", str(out), "--depth", "2"]) == 2
-    assert "--depth applies to folder and manifest only" in capsys.readouterr().err
-    assert main(["prepare", "folder", "--source", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
-    assert "nowhere is not a folder" in capsys.readouterr().err
+
+    def refused(argv: list[str]) -> str:  # exit 2 and the one error line
+        caplog.clear()
+        assert main(argv) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "tsmd_ray.data"]
+        assert len(errors) == 1, errors
+        return errors[0]
+
+    assert "corrupt.jpg" in refused([*args, "--strict"]) and ArrowFewShotDataset(out).shape == (10, 10, 1)  # kept
+    assert "--depth applies to folder and manifest only" in refused(
+        ["prepare", "omniglot", "--source", str(photos), "--out", str(out), "--depth", "2"])
+    assert "nowhere is not a folder" in refused(["prepare", "folder", "--source", str(tmp_path / "nowhere"),
+                                                 "--out", str(out)])
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--split", "0.5,0.5"])
     assert exit_info.value.code == 2 and "TRAIN,VAL,TEST" in capsys.readouterr().err

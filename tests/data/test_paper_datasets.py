@@ -279,7 +279,7 @@ def test_image_size_resizes_and_rgba_is_converted(releases, tmp_path, caplog) ->
     assert any(str(rgba) in r.getMessage() and "RGBA" in r.getMessage() for r in caplog.records)
 
 
-def test_cli_and_resolve_dataset(releases, tmp_path, capsys) -> None:
+def test_cli_and_resolve_dataset(releases, tmp_path, caplog) -> None:
     assert main(["prepare", "cub200", "--source", str(releases["cub"]), "--out", str(tmp_path / "cub")]) == 0
     ds = ArrowFewShotDataset(tmp_path / "cub")
     assert ds.shape == (84, 84, 3)
@@ -289,7 +289,7 @@ def test_cli_and_resolve_dataset(releases, tmp_path, capsys) -> None:
     assert (
         main(["prepare", "cub200", "--source", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     )
-    assert "no cub200 release found" in capsys.readouterr().err
+    assert "no cub200 release found" in caplog.text  # the one error line
     # a raw release as --data-root is prepared once into the cache
     path = resolve_dataset("fc100", releases["fc100_python"], tmp_path / "cache")
     assert path.parent == tmp_path / "cache" and ArrowFewShotDataset(path).name == "fc100"

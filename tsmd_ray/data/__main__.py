@@ -7,7 +7,7 @@ import functools
 import sys
 from pathlib import Path
 
-from ..errors import RequestError, entry_point
+from ..errors import entry_point
 from ..preflight import check_minimum, check_out_dir
 from . import folder
 from .errors import DataError
@@ -69,10 +69,8 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    """``--source`` exists, ``--out`` can be a folder, ``--image-size`` is positive: before anything is read."""
-    if not args.source.exists():
-        raise RequestError("file.missing", f"--source {str(args.source)!r}: no such file or folder; accepted: "
-                           "the raw release, an image folder or a table")
+    """``--out`` can be a folder and ``--image-size`` is positive, before anything is read (each
+    preparer checks its ``--source``)."""
     check_out_dir("--out", args.out)
     check_minimum("--image-size", args.image_size, 1)
 
