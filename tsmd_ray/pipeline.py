@@ -29,8 +29,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, atomic_write
+from .checkpoint import atomic_write
 from .config import BoolFlag, Config, add_config_arguments, load_yaml
+from .errors import entry_point
+from .preflight import check_training
 from .pretrain import cached_pretrain, pretrain_args
 from .training import summarise
 
@@ -246,18 +248,18 @@ def _start_ray(cfg: Config) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's start-up INFO lines between the bars
-    args = build_parser().parse_args(argv)
-    started_ray = False
+    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)), resumable=True)
+
+
+def _main(args: argparse.Namespace) -> int:
+    plan = make_plan(args)
+    print(f"tsmd-ray: profile {plan.profile}, from {plan.source}", flush=True)
+    for cfg in [plan.train] + ([baseline_config(plan.train, plan.baseline)] if plan.baseline is not None else []):
+        check_training(cfg)  # the whole request, before Ray starts or anything is written
+    started_ray = _start_ray(plan.train)
     try:
-        plan = make_plan(args)
-        print(f"tsmd-ray: profile {plan.profile}, from {plan.source}", flush=True)
-        started_ray = _start_ray(plan.train)
         record = run(plan)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, CheckpointError) as exc:
-        log.error("%s", exc)
-        return 2
     finally:
         if started_ray:
             import ray

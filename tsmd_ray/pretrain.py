@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 from .config import BoolFlag
+from .errors import entry_point
+from .preflight import check_minimum
 
 log = logging.getLogger("tsmd_ray.pretrain")
 
@@ -290,9 +292,19 @@ def world_size(args: argparse.Namespace) -> int:
     return args.workers if args.backend == "ray" else 1
 
 
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` if its numbers are in range, else a one-line ``ValueError`` naming the option."""
+    for name in ("epochs", "batch_size", "workers", "threads_per_worker"):
+        check_minimum("--" + name.replace("_", "-"), getattr(args, name), 1)
+    check_minimum("--max-steps", args.max_steps, 1)
+    return args
+
+
 def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     """Pre-train the teacher of ``args``; writes ``--out`` and its ``.json`` summary, returns the summary."""
     from .data import ArrowFewShotDataset, resolve_dataset
+
+    check_args(args)
 
     dataset_path = str(resolve_dataset(args.dataset, args.data_root, args.cache_dir))
     rows, _, num_classes = train_rows(ArrowFewShotDataset(dataset_path))
@@ -373,7 +385,7 @@ def pretrain_args(**settings: Any) -> argparse.Namespace:
     unknown = sorted(set(settings) - set(vars(args)))
     if unknown:
         raise ValueError(f"unknown pre-training setting(s): {', '.join(unknown)}")
-    return argparse.Namespace(**{**vars(args), **settings})
+    return check_args(argparse.Namespace(**{**vars(args), **settings}))
 
 
 def cache_key(args: argparse.Namespace, dataset_path: str | Path) -> str:
@@ -407,18 +419,11 @@ def cached_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    for name in ("epochs", "batch_size", "workers"):
-        if getattr(args, name) < 1:
-            log.error("--%s must be at least 1", name.replace("_", "-"))
-            return 2
-    try:
-        summary = pretrain(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 2
-    print(json.dumps(summary))
+    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)))
+
+
+def _main(args: argparse.Namespace) -> int:
+    print(json.dumps(pretrain(args)))
     return 0
 
 
