@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from .algorithms import Outputs, adapt_student, adapt_teacher, detached, forward, parameters_of, query_logits
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import ArrowFewShotDataset, EpisodeSampler, resolve_dataset
+from .data import ArrowFewShotDataset, EpisodeSampler
 from .engine import MetaLearner, DataSpec, TaskWorker
 from .errors import RequestError, entry_point
-from .preflight import check_minimum, check_out_file, check_splits
+from .preflight import check_minimum, check_out_file, check_splits, resolve_data
 from .training import summarise
 
 log = logging.getLogger("tsmd_ray.diagnostics")
@@ -99,7 +99,7 @@ def diagnose(checkpoint: str, split: str = "val", episodes: int = 100, **overrid
     if not (cfg.has_teacher and cfg.has_student):
         raise RequestError("checkpoint.method", f"{checkpoint} was meta-trained with method={cfg.method!r}: "
                            "diagnostics need a teacher and a student; accepted: a tsmd or fixed-teacher checkpoint")
-    dataset = ArrowFewShotDataset(resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir))
+    dataset = ArrowFewShotDataset(resolve_data(cfg))
     check_splits(cfg, dataset, [split])
     learner = MetaLearner(cfg, DataSpec.of(dataset))
     learner.load_state_dict(payload["learner"])

@@ -14,10 +14,10 @@ from typing import Any
 
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import ArrowFewShotDataset, resolve_dataset
+from .data import ArrowFewShotDataset
 from .engine import DataSpec, MetaLearner
 from .errors import entry_point
-from .preflight import check_device, check_minimum, check_out_file, check_splits, check_workers
+from .preflight import check_device, check_minimum, check_out_file, check_splits, check_workers, resolve_data
 from .train import format_result, make_runner
 from .training import evaluate
 
@@ -30,7 +30,7 @@ def evaluate_checkpoint(path: str, episodes: int = 800, split: str = "test", **o
     check_minimum("--episodes", episodes, 1)
     payload = load_checkpoint(path)
     cfg = Config.from_checkpoint(payload["config"], **{k: v for k, v in overrides.items() if v is not None})
-    dataset_path = str(resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir))
+    dataset_path = resolve_data(cfg)
     check_splits(cfg, ArrowFewShotDataset(dataset_path), [split])
     check_device(cfg)
     check_workers(cfg)

@@ -44,6 +44,17 @@ def check_minimum(key: str, value: int | None, low: int) -> None:
         raise RequestError("args.range", f"{key} must be at least {low}, got {value}")
 
 
+def resolve_data(cfg: Config) -> str:
+    """The prepared dataset of ``cfg`` (prepared from a raw release if needed); a refusal names
+    ``dataset`` and ``data_root``."""
+    from .data import DataError, resolve_dataset
+
+    try:
+        return str(resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir))
+    except (DataError, FileNotFoundError) as exc:
+        raise RequestError("data", f"dataset={cfg.dataset!r} with data_root={cfg.data_root!r}: {exc}") from None
+
+
 def check_splits(cfg: Config, dataset: Any, splits: Sequence[str]) -> None:
     """Each split in ``splits`` has ``ways`` classes of ``shots + query`` images (the samplers'
     own checks, whose messages name ``ways`` and ``shots+query``)."""
@@ -134,14 +145,14 @@ def check_device(cfg: Config) -> None:
 def check_training(cfg: Config, dataset_path: str | Path | None = None) -> str:
     """Everything a training run of ``cfg`` needs, before it starts; returns the prepared dataset
     (resolved, and prepared from a raw release if needed, unless ``dataset_path`` is given)."""
-    from .data import ArrowFewShotDataset, resolve_dataset
+    from .data import ArrowFewShotDataset
 
     check_file("teacher_init", cfg.teacher_init)
     check_file("teacher_weights", cfg.teacher_weights)
     check_out_dir("out", cfg.out)
     check_device(cfg)
     check_workers(cfg)
-    path = str(dataset_path or resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir))
+    path = str(dataset_path or resolve_data(cfg))
     dataset = ArrowFewShotDataset(path)
     splits = ["train", "test"] + (["val"] if cfg.eval_every and cfg.val_episodes else [])
     check_splits(cfg, dataset, splits)
