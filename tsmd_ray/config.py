@@ -188,7 +188,7 @@ class Config:
         unknown = sorted(set(data) - CONFIG_KEYS)
         if unknown:
             raise RequestError("config.unknown-key", f"unknown configuration key(s): {', '.join(unknown)}"
-                                                     f"{_did_you_mean(unknown[0], CONFIG_KEYS)}; see --help")
+                                                     f"{did_you_mean(unknown[0], CONFIG_KEYS)}; see --help")
         return cls(**data)
 
     @classmethod
@@ -329,7 +329,8 @@ def _check_kd(cfg: Config) -> None:
 CONFIG_KEYS = frozenset(f.name for f in fields(Config))
 
 
-def _did_you_mean(name: str, known: Any) -> str:
+def did_you_mean(name: str, known: Any) -> str:
+    """The hint ` (did you mean KEY?)` naming the known key closest to ``name``, or an empty string."""
     close = difflib.get_close_matches(name, sorted(known), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 
