@@ -17,6 +17,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
@@ -25,6 +26,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 REFUSED = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 RESUME_HINT = "continue it with the same command and --resume"
+INTERRUPTED = "interrupted (Ctrl+C)"
+TERMINATED = "terminated (SIGTERM)"
 
 
 class RequestError(ValueError):
@@ -49,21 +52,41 @@ def failure_message(exc: BaseException) -> str:
     return one_line(f"{type(exc).__name__}: {exc}")
 
 
+def is_sigterm(exc: BaseException) -> bool:
+    """:class:`Terminated`, or the ``SystemExit(15)`` of the SIGTERM handler that ``ray.init`` installs."""
+    return isinstance(exc, Terminated) or (isinstance(exc, SystemExit) and exc.code == signal.SIGTERM)
+
+
+def ending(exc: BaseException | None) -> tuple[str, str | None]:
+    """The MLflow status of a run that ``exc`` ended (``None``: it finished) and what its
+    ``tsmd.error`` tag says: FAILED with ``Type: message``, or KILLED for Ctrl+C and SIGTERM."""
+    if exc is None:
+        return "FINISHED", None
+    if is_sigterm(exc):
+        return "KILLED", TERMINATED
+    if isinstance(exc, KeyboardInterrupt):
+        return "KILLED", INTERRUPTED
+    if isinstance(exc, SystemExit):
+        return "KILLED", f"exited with status {exc.code}"
+    return "FAILED", failure_message(exc)
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+    raise Terminated(TERMINATED)
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block, ``SIGTERM`` raises :class:`Terminated` in the main thread.
+def on_sigterm(handler: Callable[[int, FrameType | None], Any] = _raise_terminated) -> Iterator[None]:
+    """Within the block, ``SIGTERM`` calls ``handler`` (default: raise :class:`Terminated`) in the
+    main thread; the previous handler is restored after it.
 
-    ``ray.init`` replaces the handler by one that raises ``SystemExit(15)``: :func:`entry_point`
-    treats that as ``SIGTERM`` too.
+    ``ray.init`` replaces the handler by one that raises ``SystemExit(15)``, which
+    :func:`entry_point` and :func:`ending` treat as SIGTERM too.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
@@ -79,22 +102,16 @@ def entry_point(name: str, body: Callable[[], int | None], *, resumable: bool = 
     log = logging.getLogger(name)
     hint = f"; {RESUME_HINT}" if resumable else ""
     try:
-        with sigterm_raises():
+        with on_sigterm():
             return int(body() or 0)
     except REFUSED as exc:
         log.error("%s", one_line(exc))
         return EXIT_REFUSED
-    except Terminated:
-        log.error("terminated (SIGTERM)%s", hint)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        log.error("interrupted (Ctrl+C)%s", hint)
-        return EXIT_INTERRUPTED
-    except SystemExit as exc:
-        if exc.code != signal.SIGTERM:  # argparse's usage errors (2), --help (0)
-            raise
-        log.error("terminated (SIGTERM)%s", hint)
-        return EXIT_TERMINATED
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if not (isinstance(exc, KeyboardInterrupt) or is_sigterm(exc)):
+            raise  # argparse's usage errors (2), --help (0)
+        log.error("%s%s", ending(exc)[1], hint)
+        return EXIT_TERMINATED if is_sigterm(exc) else EXIT_INTERRUPTED
     except Exception as exc:
         log.error("failed: %s%s", failure_message(exc), hint, exc_info=bool(os.environ.get("TSMD_TRACEBACK")))
         return EXIT_FAILED
