@@ -80,11 +80,14 @@ def check_models(cfg: Config, dataset: Any) -> None:
 
 
 def local_ray_resources() -> dict[str, float] | None:
-    """CPUs and GPUs of the local Ray instance that ``ray.init()`` would start here; ``None`` when
-    it would join a running cluster (``RAY_ADDRESS``, ``ray start``, or Ray already initialised)."""
+    """CPUs and GPUs of the Ray cluster this process is connected to, or of the local instance
+    that ``ray.init()`` would start here; ``None`` when it would join a cluster it is not connected
+    to yet (``RAY_ADDRESS``, ``ray start``)."""
     import ray
 
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+    if ray.is_initialized():
+        return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    if os.environ.get("RAY_ADDRESS"):
         return None
     try:
         from ray._private.utils import get_num_cpus, read_ray_address
@@ -100,15 +103,14 @@ def local_ray_resources() -> dict[str, float] | None:
 
 
 def check_fits(need: Mapping[str, float], what: str, fix: str) -> None:
-    """``need`` (``{"CPU": n, "GPU": m}``) fits the local Ray instance a run would start."""
+    """``need`` (``{"CPU": n, "GPU": m}``) fits the Ray cluster of :func:`local_ray_resources`."""
     have = local_ray_resources()
     if have is None:
         return
     for resource, amount in need.items():
         if amount > have.get(resource, 0.0):
-            raise RequestError("resources", f"{what} need {amount:g} {resource}(s) but the local Ray instance this "
-                               f"run would start has {have.get(resource, 0.0):g}: {fix} (or join a larger cluster "
-                               "with RAY_ADDRESS)")
+            raise RequestError("resources", f"{what} need {amount:g} {resource}(s) but the Ray cluster has "
+                               f"{have.get(resource, 0.0):g}: {fix} (or join a larger cluster with RAY_ADDRESS)")
 
 
 def check_workers(cfg: Config) -> None:
