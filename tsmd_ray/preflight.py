@@ -102,26 +102,28 @@ def local_ray_resources() -> dict[str, float] | None:
     return {"CPU": cpus, "GPU": float(torch.cuda.device_count())}
 
 
-def check_fits(need: Mapping[str, float], what: str, fix: str) -> None:
-    """``need`` (``{"CPU": n, "GPU": m}``) fits the Ray cluster of :func:`local_ray_resources`."""
+def check_fits(need: Mapping[str, tuple[float, str]]) -> None:
+    """Each ``{resource: (amount, the keys that ask for it)}`` fits the Ray cluster of
+    :func:`local_ray_resources`."""
     have = local_ray_resources()
     if have is None:
         return
-    for resource, amount in need.items():
+    for resource, (amount, what) in need.items():
         if amount > have.get(resource, 0.0):
-            raise RequestError("resources", f"{what} need {amount:g} {resource}(s) but the Ray cluster has "
-                               f"{have.get(resource, 0.0):g}: {fix} (or join a larger cluster with RAY_ADDRESS)")
+            raise RequestError("resources", f"{what} = {amount:g} {resource}s, but the Ray cluster has "
+                               f"{have.get(resource, 0.0):g}; accepted: at most {have.get(resource, 0.0):g} "
+                               "(or join a larger cluster with RAY_ADDRESS)")
 
 
 def check_workers(cfg: Config) -> None:
-    """Ray worker actors (or Ray Train workers) of ``cfg`` against the local resources."""
+    """Ray worker actors (or Ray Train workers) of ``cfg`` against the Ray cluster's resources."""
     if cfg.backend != "ray":
         return
     workers = cfg.workers or 1
-    need = {"CPU": workers * cfg.threads_per_worker, "GPU": workers * cfg.gpus_per_worker}
-    check_fits(need, f"workers={workers} x (threads_per_worker={cfg.threads_per_worker} CPU, "
-                     f"gpus_per_worker={cfg.gpus_per_worker:g} GPU)",
-               "accepted: workers x threads_per_worker within the CPUs, workers x gpus_per_worker within the GPUs")
+    check_fits({"CPU": (workers * cfg.threads_per_worker,
+                        f"workers x threads_per_worker ({workers} x {cfg.threads_per_worker})"),
+                "GPU": (workers * cfg.gpus_per_worker,
+                        f"workers x gpus_per_worker ({workers} x {cfg.gpus_per_worker:g})")})
 
 
 def check_torch_device(key: str, name: str) -> None:
