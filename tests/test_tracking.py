@@ -67,6 +67,7 @@ def check_tracked_run(client, out: Path):
     assert TRAIN_METRICS <= set(run.data.metrics)
     assert steps(client, run, "train/student/loss") == [1, 2, 3, 4]
     assert steps(client, run, "val/student_acc") == [2, 4]
+    assert steps(client, run, "test/student_acc") == [0]  # one value per run: the chart view draws bars
     evaluation = json.loads((out / "evaluation.json").read_text())
     for model in ("student", "teacher"):
         assert run.data.metrics[f"test/{model}_acc"] == pytest.approx(evaluation["results"][model]["mean"])
@@ -128,10 +129,13 @@ def test_two_seeds_of_one_config_are_told_apart_and_overlay(mlflow_server, clien
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
     digest = first.data.tags["tsmd.config_digest"]
     assert second.data.tags["tsmd.config_digest"] == digest  # one configuration ...
-    assert first.info.run_name == f"tsmd-omniglot-5w1s-seed0-{digest}"  # ... two names
-    assert second.info.run_name == f"tsmd-omniglot-5w1s-seed1-{digest}"
+    assert first.info.run_name == f"tsmd-{digest}-seed0-omniglot-5w1s"  # ... two names
+    assert second.info.run_name == f"tsmd-{digest}-seed1-omniglot-5w1s"
     for run in runs:
         check_provenance(run, omniglot_dataset)
+    # one hue per method, a shade per seed: the charts tell the two seeds apart
+    colors = [run.data.tags["mlflow.runColor"] for run in runs]
+    assert colors[0] != colors[1] and set(colors) <= set(tracking.naming.METHOD_COLORS["tsmd"])
     # the chart view overlays the two runs: the same metric names at the same steps
     learned = [{k for k in run.data.metrics if not k.startswith("system/")} for run in runs]
     assert learned[0] == learned[1]
@@ -198,16 +202,20 @@ def test_tracking_failure_mid_run_warns_once_and_stops_logging(tmp_path, caplog)
 def test_run_names_tell_configs_and_seeds_apart(monkeypatch):
     cfg = Config(data_root=None)
     digest = tracking.config_digest(cfg)
-    assert tracking.default_run_name(cfg) == f"tsmd-omniglot-5w1s-seed0-{digest}"
-    assert tracking.default_run_name(cfg.replace(seed=3)) == f"tsmd-omniglot-5w1s-seed3-{digest}"
+    assert tracking.default_run_name(cfg) == f"tsmd-{digest}-seed0-omniglot-5w1s"
+    assert tracking.default_run_name(cfg.replace(seed=3)) == f"tsmd-{digest}-seed3-omniglot-5w1s"
     assert tracking.config_digest(cfg.replace(alpha=0.2)) != digest  # another configuration
     # where a run computes and how it is recorded does not change what it trains
     assert tracking.config_digest(cfg.replace(out="elsewhere", workers=3, backend="local", profile="quick")) == digest
-    assert tracking.default_run_name(cfg.replace(method="student", meta_algorithm="reptile", ways=20, shots=5)) \
-        .startswith("student-reptile-omniglot-20w5s-seed0-")
+    other = cfg.replace(method="student", meta_algorithm="reptile", ways=20, shots=5)
+    assert tracking.default_run_name(other) == f"student-reptile-{tracking.config_digest(other)}-seed0-omniglot-20w5s"
     assert tracking.run_name(cfg.replace(run_name="my run")) == "my run"
     assert tracking.run_tags(cfg.replace(profile="quick"))["tsmd.profile"] == "quick"
     assert "tsmd.profile" not in tracking.run_tags(cfg)
+    colors = {tracking.run_tags(cfg.replace(method=m, allow_random_teacher=True))["mlflow.runColor"]
+              for m in ("student", "fixed-teacher", "tsmd", "oracle")}
+    assert len(colors) == 4  # the methods' runs look different in every chart
+    assert "mlflow.runColor" not in tracking.run_tags(cfg, nested=True)  # sweep trials: MLflow's colours
     values = {"alpha": 0.0341234, "lam": 0.2, "inner_steps": 3}
     assert tracking.trial_run_name("tsmd_trial_1a2b3_00004", values) == "00004 alpha=0.0341 lam=0.2 inner_steps=3"
     package = tracking.naming.PACKAGE_DIR
@@ -238,7 +246,7 @@ def test_dataset_digest_covers_every_file_of_the_prepared_directory(omniglot_dat
         tracking.dataset_info(tmp_path / "missing")
 
 
-def test_experiments_declare_model_training(mlflow_server, client):
+def test_experiments_declare_model_training(mlflow_server, client, monkeypatch, capsys):
     kind = tracking.EXPERIMENT_KIND_TAG
     created = tracking.ensure_experiment(client, "test-tracking-new", mlflow_server)
     legacy = client.create_experiment("test-tracking-legacy")  # made before tsmd_ray declared the kind
@@ -248,6 +256,12 @@ def test_experiments_declare_model_training(mlflow_server, client):
     for experiment_id in (created, legacy):
         assert client.get_experiment(experiment_id).tags[kind] == "custom_model_development"
     assert client.get_experiment(genai).tags[kind] == "genai_development"  # a kind someone chose stays
+    # `where` links each model-training experiment to the UI's model-training pages
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert tracking.main(["where"]) == 0
+    printed = capsys.readouterr().out
+    assert f"test-tracking-new: {mlflow_server}/#/experiments/{created}?workflowType=machine_learning" in printed
+    assert "test-tracking-genai" not in printed
 
 
 def test_default_store_is_absolute_sqlite_under_tsmd_home(tmp_path, monkeypatch):

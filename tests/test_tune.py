@@ -162,6 +162,7 @@ def test_every_trial_is_a_nested_mlflow_run(sweep, omniglot_dataset):
     for run in children:
         assert run.info.status in ("FINISHED", "KILLED"), run.info  # KILLED: stopped early by ASHA
         assert {"alpha", "beta", "lam", "eta"} <= set(run.data.params)
+        assert "mlflow.runColor" not in run.data.tags  # trials keep MLflow's own colours
         # named by its searched values, as sampled
         sampled = {key: float(run.data.params[key]) for key in ("alpha", "beta", "lam", "eta")}
         number, *values = run.info.run_name.split()

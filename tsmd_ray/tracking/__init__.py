@@ -3,7 +3,7 @@
 Every ``tsmd_ray.train`` run (and every Tune trial) with ``mlflow: true`` becomes one MLflow run
 in a model-training experiment (tag ``mlflow.experimentKind``):
 
-- name: ``<method>-<dataset>-<ways>w<shots>s-seed<seed>-<config digest>`` (``--run-name`` overrides);
+- name: ``<method>-<config digest>-seed<seed>-<dataset>-<ways>w<shots>s`` (``--run-name`` overrides);
 - params: every :class:`~tsmd_ray.config.Config` value;
 - metrics (stable, grouped names, stepped by meta-iteration): ``train/<model>/loss``,
   ``train/<model>/acc`` and ``train/tasks_per_s``, ``val/<model>_acc`` at each meta-validation,

@@ -21,6 +21,11 @@ PLACEMENT_KEYS = frozenset({
     "backend", "aggregation", "workers", "gpus_per_worker", "threads_per_worker", "mlflow", "experiment",
     "run_name", "system_metrics", "profile"})
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
+# Run colours in the MLflow UI (tag mlflow.runColor): one hue per method, a shade per seed.
+METHOD_COLORS = {"student": ("#1f77b4", "#6baed6", "#08306b", "#4292c6"),
+                 "tsmd": ("#d62728", "#fc9272", "#67000d", "#ef3b2c"),
+                 "fixed-teacher": ("#2ca02c", "#a1d99b", "#00441b", "#41ab5d"),
+                 "oracle": ("#9467bd", "#bcbddc", "#3f007d", "#807dba")}
 
 
 def config_digest(cfg: Config) -> str:
@@ -31,9 +36,10 @@ def config_digest(cfg: Config) -> str:
 
 
 def default_run_name(cfg: Config) -> str:
-    """``<method>[-reptile]-<dataset>-<ways>w<shots>s-seed<seed>-<config digest>``."""
+    """``<method>[-reptile]-<config digest>-seed<seed>-<dataset>-<ways>w<shots>s``: what tells runs
+    apart comes first, as the MLflow UI cuts long names short in its run list and chart legends."""
     algorithm = "" if cfg.meta_algorithm == "maml" else f"-{cfg.meta_algorithm}"
-    return f"{cfg.method}{algorithm}-{cfg.dataset}-{cfg.ways}w{cfg.shots}s-seed{cfg.seed}-{config_digest(cfg)}"
+    return f"{cfg.method}{algorithm}-{config_digest(cfg)}-seed{cfg.seed}-{cfg.dataset}-{cfg.ways}w{cfg.shots}s"
 
 
 def run_name(cfg: Config) -> str:
@@ -51,13 +57,17 @@ def trial_run_name(trial_name: str, values: Mapping[str, Any]) -> str:
     return " ".join([number, *(f"{key}={_short(value)}" for key, value in values.items())])
 
 
-def run_tags(cfg: Config) -> dict[str, str]:
-    """Tags that group runs: method, dataset, setting, seed, config digest, output, preset."""
+def run_tags(cfg: Config, nested: bool = False) -> dict[str, str]:
+    """Tags that group runs: method, dataset, setting, seed, config digest, output, preset; and,
+    unless the run is nested (a sweep's trials keep MLflow's own colours), the run's colour."""
     tags = {"tsmd.method": cfg.method, "tsmd.dataset": cfg.dataset, "tsmd.setting": f"{cfg.ways}-way {cfg.shots}-shot",
             "tsmd.seed": str(cfg.seed), "tsmd.config_digest": config_digest(cfg),
             "tsmd.out": str(Path(cfg.out).resolve())}
     if cfg.profile:
         tags["tsmd.profile"] = cfg.profile
+    if not nested:
+        shades = METHOD_COLORS[cfg.method]
+        tags["mlflow.runColor"] = shades[cfg.seed % len(shades)]
     return tags
 
 

@@ -13,6 +13,7 @@ from .store import log, short_error
 RUN_FILE = "mlflow.json"  # in a run's output directory: where (and whether) it was tracked
 CURVES_FILE = "learning_curves.png"
 ARTIFACT_FILES = ("config.yaml", "evaluation.json", "metrics.jsonl", CURVES_FILE)
+SUMMARY_PREFIX = "test/"  # one value per run (the final meta-test)
 _METRIC_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _PARAM_BATCH = 100
 
@@ -43,16 +44,23 @@ def log_params(client: Any, run_id: str, params: Mapping[str, str], existing: Ma
         client.log_batch(run_id, params=todo[start:start + _PARAM_BATCH])
 
 
+def mlflow_step(name: str, step: int) -> int:
+    """The MLflow step of a metric: the meta-iteration, except 0 for the one-value summaries
+    (``test/...``), which the MLflow chart view then draws as bars comparing runs."""
+    return 0 if name.startswith(SUMMARY_PREFIX) else int(step)
+
+
 def log_metrics(client: Any, run_id: str, records: Sequence[tuple[int, Mapping[str, Any]]],
                 skip: set[tuple[str, int]] | None = None) -> int:
-    """Log ``(step, {name: value})`` records; ``(name, step)`` pairs in ``skip`` are left out."""
+    """Log ``(step, {name: value})`` records at :func:`mlflow_step`; ``(name, MLflow step)`` pairs
+    in ``skip`` are left out."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(name, float(value), now, int(step))
+    metrics = [Metric(name, float(value), now, mlflow_step(name, step))
                for step, values in records for name, value in values.items()
                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-               and (skip is None or (name, int(step)) not in skip)]
+               and (skip is None or (name, mlflow_step(name, step)) not in skip)]
     for start in range(0, len(metrics), _METRIC_BATCH):
         client.log_batch(run_id, metrics=metrics[start:start + _METRIC_BATCH])
     return len(metrics)

@@ -21,6 +21,11 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 
 
+# MLflow 3.17's UI opens experiments on its GenAI or its model-training pages by a switch kept in
+# the browser; this query parameter of a link selects model training.
+UI_QUERY = "?workflowType=machine_learning"
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be used (unreachable server, bad URI, ...)."""
 
@@ -60,6 +65,14 @@ def artifact_location(uri: str, experiment: str) -> str | None:
         return None
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
     return (path.resolve().parent / "mlartifacts" / safe).as_uri()
+
+
+def ui_link(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """Where the MLflow UI shows the experiments (an experiment, one of its runs) on its
+    model-training pages: on the tracking server, or at ``mlflow ui``'s default address."""
+    path = "/#/experiments" + (f"/{experiment_id}" if experiment_id else "") + (f"/runs/{run_id}" if run_id else "")
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return base + path + UI_QUERY
 
 
 def bound_http_retries() -> None:

@@ -13,7 +13,7 @@ from .naming import run_name as config_run_name
 from .naming import run_tags, source_tags
 from .records import (config_params, existing_run, log_metrics, log_params, log_run_artifacts, logged_steps,
                       read_run_file, write_run_file)
-from .store import connect, ensure_experiment, log, resolve_tracking_uri, short_error
+from .store import connect, ensure_experiment, log, resolve_tracking_uri, short_error, ui_link
 
 
 class NullTracker:
@@ -92,7 +92,7 @@ class MlflowTracker:
         self.parent_run_id = parent_run_id
         self.name = run_name or config_run_name(cfg)
         self.source = dict(source) if source is not None else source_tags()
-        self.tags = {**run_tags(cfg), **(tags or {})}
+        self.tags = {**run_tags(cfg, nested=parent_run_id is not None), **(tags or {})}
         self.log_models = log_models
         self.dataset_path = dataset_path or (dataset or {}).get("source")
         self.dataset = dataset
@@ -120,19 +120,11 @@ class MlflowTracker:
     def start(self) -> "MlflowTracker":
         self.out.mkdir(parents=True, exist_ok=True)
         info = read_run_file(self.out)
-        if self.dataset_path is None:
-            log.info("no prepared dataset path given: run %s gets no dataset input", self.name)
-        self.dataset = try_dataset_info(self.dataset_path, self.dataset or info.get("dataset"))
-        write_run_file(self.out, dataset=self.dataset, source=self.source)  # for an upload later
+        self._digest_dataset(info)
         try:
             self.client = connect(self.tracking_uri)
             self.experiment_id = ensure_experiment(self.client, self.cfg.experiment, self.tracking_uri)
-            resumed = existing_run(self.client, info, self.tracking_uri) if self.cfg.resume else None
-            self.run_id = resumed or self._create_run()
-            if resumed:
-                self.client.update_run(resumed, status="RUNNING")
-            log_params(self.client, self.run_id, config_params(self.cfg),
-                       self.client.get_run(resumed).data.params if resumed else None)
+            resumed = self._open_run(info)
             if self.dataset:
                 self.client.log_inputs(self.run_id, datasets=[dataset_input(self.dataset)])
             if self.cfg.resume and (self.out / "metrics.jsonl").is_file():
@@ -141,13 +133,34 @@ class MlflowTracker:
             write_run_file(self.out, tracking_uri=self.tracking_uri, experiment=self.cfg.experiment,
                            experiment_id=self.experiment_id, run_id=self.run_id,
                            parent_run_id=self.parent_run_id, status="running", error=None)
-            log.info("MLflow run %s (%s) in experiment %r at %s%s", self.run_id, self.name, self.cfg.experiment,
-                     self.tracking_uri, " (resumed)" if resumed else "")
+            log.info("MLflow run %s (%s) in experiment %r at %s%s: %s", self.run_id, self.name, self.cfg.experiment,
+                     self.tracking_uri, " (resumed)" if resumed else "",
+                     ui_link(self.tracking_uri, self.experiment_id, self.run_id))
             if self.cfg.system_metrics:
-                self.monitor = start_system_metrics(self.run_id, self.tracking_uri, bool(resumed))
+                self.monitor = start_system_metrics(self.run_id, self.tracking_uri, resumed)
         except Exception as exc:
             self._fail(exc)
         return self
+
+    def _digest_dataset(self, info: Mapping[str, Any]) -> None:
+        """The dataset input (reusing the digest of the run file), kept in the run file for an upload."""
+        if self.dataset_path is None:
+            log.info("no prepared dataset path given: run %s gets no dataset input", self.name)
+        self.dataset = try_dataset_info(self.dataset_path, self.dataset or info.get("dataset"))
+        write_run_file(self.out, dataset=self.dataset, source=self.source)
+
+    def _open_run(self, info: Mapping[str, Any]) -> bool:
+        """Continue the run that the run file names (``--resume``, same store), else create one;
+        log the params. Returns whether the run was resumed."""
+        resumed = existing_run(self.client, info, self.tracking_uri) if self.cfg.resume else None
+        if resumed:
+            self.run_id = resumed
+            self.client.update_run(resumed, status="RUNNING")
+            log_params(self.client, resumed, config_params(self.cfg), self.client.get_run(resumed).data.params)
+        else:
+            self.run_id = self._create_run()
+            log_params(self.client, self.run_id, config_params(self.cfg))
+        return resumed is not None
 
     def _create_run(self) -> str:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID

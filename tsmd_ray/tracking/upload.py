@@ -12,7 +12,8 @@ from .models import log_models_from_checkpoint
 from .naming import run_name, run_tags, source_tags
 from .records import (config_params, existing_run, log_metrics, log_params, log_run_artifacts, logged_steps,
                       read_run_file, write_run_file)
-from .store import TrackingError, connect, ensure_experiment, log, resolve_tracking_uri
+from .store import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, TrackingError, connect, ensure_experiment, log,
+                    resolve_tracking_uri, ui_link)
 
 
 def _run_status(out: Path) -> str:
@@ -46,7 +47,8 @@ def upload_run(out: str | Path, *, tracking_uri: str | None = None, experiment: 
         skip = logged_steps(client, run_id)
         log_params(client, run_id, config_params(cfg), client.get_run(run_id).data.params)
     else:
-        tags = {**(info.get("source") or source_tags()), **run_tags(cfg), "tsmd.uploaded": "true", "tsmd.out": str(out)}
+        tags = {**(info.get("source") or source_tags()), **run_tags(cfg, nested=parent_run_id is not None),
+                "tsmd.uploaded": "true", "tsmd.out": str(out)}
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run_id = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
@@ -63,6 +65,23 @@ def upload_run(out: str | Path, *, tracking_uri: str | None = None, experiment: 
                    parent_run_id=parent_run_id, status="logged", error=None)
     log.info("uploaded %s as MLflow run %s (%d metric values) to %s", out, run_id, count, uri)
     return run_id
+
+
+def print_where(uri: str) -> None:
+    """The tracking URI, how to open the UI, and a link to each model-training experiment's runs."""
+    print(uri)
+    if uri.startswith("sqlite:"):
+        print(f"open the UI with: mlflow ui --backend-store-uri {uri}")
+        if not Path(uri[len("sqlite:///"):]).is_file():
+            return  # no runs yet (and no database to create just for this)
+    try:
+        experiments = connect(uri).search_experiments(
+            filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{MODEL_TRAINING_KIND}'")
+    except TrackingError as exc:
+        print(f"(no experiment list: {exc})")
+        return
+    for experiment in experiments:
+        print(f"  {experiment.name}: {ui_link(uri, experiment.experiment_id)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,10 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("where", help="print the tracking URI in use and how to open the UI")
     args = parser.parse_args(argv)
     if args.command == "where":
-        uri = resolve_tracking_uri()
-        print(uri)
-        if uri.startswith("sqlite:"):
-            print(f"open the UI with: mlflow ui --backend-store-uri {uri}")
+        print_where(resolve_tracking_uri())
         return 0
     status = 0
     for out in args.out:
