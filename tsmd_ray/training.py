@@ -27,6 +27,7 @@ from .engine import DataSpec, MetaLearner, TaskWorker, Weights
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+EVAL_CHUNK = 100  # episodes per evaluation call (the progress bar's step)
 BEST_NAME = "best.pt"  # with early stopping: the weights of the best meta-validation, what is tested
 
 
@@ -78,8 +79,15 @@ def evaluate(runner: Runner, weights: Weights, split: str, episodes: int) -> dic
     Per model: mean, 95% CI, episode count and the per-episode accuracies (episode i is the same
     seeded task for every method, so two runs can be compared episode by episode).
     """
-    per_episode = runner.evaluate(weights, split, list(range(episodes)))
-    return {name.replace("/acc", ""): {**summarise(values), "per_episode": list(values)}
+    per_episode: dict[str, list[float]] = {}
+    with tqdm(total=episodes, desc=f"meta-test ({split})", unit="episode", leave=split == "test",
+              dynamic_ncols=True) as bar:
+        for start in range(0, episodes, EVAL_CHUNK):  # episodes are seeded by id: chunking changes nothing
+            ids = list(range(start, min(start + EVAL_CHUNK, episodes)))
+            for name, values in runner.evaluate(weights, split, ids).items():
+                per_episode.setdefault(name, []).extend(values)
+            bar.update(len(ids))
+    return {name.replace("/acc", ""): {**summarise(values), "per_episode": values}
             for name, values in per_episode.items() if name.endswith("/acc")}
 
 
