@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .algorithms import Outputs, adapt_student, adapt_teacher, detached, forward, parameters_of, query_logits
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint
 from .config import Config
 from .data import ArrowFewShotDataset, EpisodeSampler
 from .engine import MetaLearner, DataSpec, TaskWorker
@@ -155,8 +156,7 @@ def _main(args: argparse.Namespace) -> int:
                       kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
     print(format_diagnostics(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     return 0
 
 

@@ -10,9 +10,10 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint
 from .config import Config
 from .data import ArrowFewShotDataset
 from .engine import DataSpec, MetaLearner
@@ -66,8 +67,7 @@ def _main(args: argparse.Namespace) -> int:
     print(format_result(result))
     print(json.dumps(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     return 0
 
 

@@ -4,6 +4,7 @@ cluster a run would start. Every refusal is a :class:`~tsmd_ray.errors.RequestEr
 """
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,21 +22,28 @@ def check_file(key: str, value: str | None) -> None:
         raise RequestError("file.missing", f"{key}={value!r}: no such file; accepted: an existing file")
 
 
+def _writable(path: Path) -> bool:
+    """``path`` can be created: its nearest existing ancestor is a folder."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return existing == path or existing.is_dir()
+
+
 def check_out_dir(key: str, value: str | Path) -> None:
-    """``value`` of ``key`` can be an output directory (absent, or a directory)."""
+    """``value`` of ``key`` can be an output folder (a folder, or created with its parents)."""
     path = Path(value).expanduser()
-    if path.exists() and not path.is_dir():
-        raise RequestError("file.out", f"{key}={str(value)!r} is a file; accepted: a directory (created if missing)")
+    if (path.exists() and not path.is_dir()) or not _writable(path):
+        raise RequestError("file.out", f"{key}={str(value)!r} is a file or lies in one; accepted: a folder "
+                           "(created if missing)")
 
 
 def check_out_file(key: str, value: str | Path | None) -> None:
-    """``value`` of ``key`` can be written as a file (its folder exists, it is not a folder)."""
+    """``value`` of ``key`` can be written as a file (not a folder; its folders are created)."""
     if not value:
         return
     path = Path(value).expanduser()
-    if path.is_dir() or not path.parent.is_dir():
-        raise RequestError("file.out", f"{key}={str(value)!r} cannot be written; accepted: a file in an "
-                           "existing folder")
+    if path.is_dir() or not _writable(path):
+        raise RequestError("file.out", f"{key}={str(value)!r} is a folder or lies in a file; accepted: a file "
+                           "path (its folders are created)")
 
 
 def check_minimum(key: str, value: int | None, low: int) -> None:
@@ -44,9 +52,9 @@ def check_minimum(key: str, value: int | None, low: int) -> None:
         raise RequestError("args.range", f"{key} must be at least {low}, got {value}")
 
 
-def resolve_data(cfg: Config) -> str:
-    """The prepared dataset of ``cfg`` (prepared from a raw release if needed); a refusal names
-    ``dataset`` and ``data_root``."""
+def resolve_data(cfg: Config | argparse.Namespace) -> str:
+    """The prepared dataset of ``cfg`` (its ``dataset``, ``data_root`` and ``cache_dir``; prepared
+    from a raw release if needed); a refusal names ``dataset`` and ``data_root``."""
     from .data import DataError, resolve_dataset
 
     try:
