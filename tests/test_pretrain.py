@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_existing_run_needs_resume(pretrained, omniglot_dataset):
     args = build_parser().parse_args(["--data-root", str(omniglot_dataset), *TINY_TEACHER,
                                       "--storage-path", str(tmp / "storage"),
                                       "--name", "pretrain-omniglot-conv4-8-8-8-8"])
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ValueError, match="holds a previous pre-training run; accepted: --resume"):
         pretrain(args)
 
 
@@ -129,6 +130,9 @@ def test_cli_rejects_bad_values():
     from tsmd_ray.pretrain import main
 
     assert main(["--epochs", "0"]) == 2
+    assert main(["--lr", "-1"]) == 2
+    assert main(["--teacher", "resnet9000", "--backend", "local"]) == 2  # before anything is written
+    assert not Path("runs/pretrain/pretrain-omniglot-resnet9000").exists()
     assert isinstance(build_parser().parse_args([]), argparse.Namespace)
     with pytest.raises(ValueError, match="unknown pre-training setting.*epoch$"):
         pretrain_args(epoch=3)

@@ -33,7 +33,7 @@ from .checkpoint import atomic_write
 from .config import BoolFlag, Config, add_config_arguments, load_yaml
 from .errors import entry_point
 from .preflight import check_training
-from .pretrain import cached_pretrain, pretrain_args
+from .pretrain import cached_pretrain, check_request, pretrain_args
 from .training import summarise
 
 log = logging.getLogger("tsmd_ray.pipeline")
@@ -94,12 +94,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 # ---------------------------------------------------------------------- stages
-def pretrain_teacher(cfg: Config, settings: dict[str, Any]) -> dict[str, Any]:
-    """Stage 1: the teacher of ``cfg`` pre-trained (or found in the cache); returns the summary."""
-    args = pretrain_args(**{**settings, "dataset": cfg.dataset, "data_root": cfg.data_root,
+def teacher_args(cfg: Config, settings: dict[str, Any]) -> argparse.Namespace:
+    """The ``tsmd_ray.pretrain`` settings of stage 1: the profile's, with the teacher, data, seed
+    and backend of ``cfg``."""
+    return pretrain_args(**{**settings, "dataset": cfg.dataset, "data_root": cfg.data_root,
                             "cache_dir": cfg.cache_dir, "teacher": cfg.teacher, "teacher_widths": cfg.teacher_widths,
                             "seed": cfg.seed, "backend": cfg.backend})
-    return cached_pretrain(args)
+
+
+def pretrain_teacher(cfg: Config, settings: dict[str, Any]) -> dict[str, Any]:
+    """Stage 1: the teacher of ``cfg`` pre-trained (or found in the cache); returns the summary."""
+    return cached_pretrain(teacher_args(cfg, settings))
 
 
 def baseline_config(cfg: Config, changes: dict[str, Any]) -> Config:
@@ -257,6 +262,8 @@ def _main(args: argparse.Namespace) -> int:
     print(f"tsmd-ray: profile {plan.profile}, from {plan.source}", flush=True)
     for cfg in [plan.train] + ([baseline_config(plan.train, plan.baseline)] if plan.baseline is not None else []):
         check_training(cfg)  # the whole request, before Ray starts or anything is written
+    if plan.pretrain is not None:
+        check_request(teacher_args(plan.train, plan.pretrain))
     started_ray = _start_ray(plan.train)
     try:
         record = run(plan)

@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 from .config import BoolFlag
-from .errors import entry_point
-from .preflight import check_minimum
+from .errors import RequestError, entry_point
+from .preflight import (check_file, check_fits, check_minimum, check_out_dir, check_out_file, check_torch_device,
+                        resolve_data)
 
 log = logging.getLogger("tsmd_ray.pretrain")
 
@@ -293,28 +294,58 @@ def world_size(args: argparse.Namespace) -> int:
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` if its numbers are in range, else a one-line ``ValueError`` naming the option."""
+    """``args`` if its numbers are in range, else a one-line ``RequestError`` naming the option."""
     for name in ("epochs", "batch_size", "workers", "threads_per_worker"):
         check_minimum("--" + name.replace("_", "-"), getattr(args, name), 1)
     check_minimum("--max-steps", args.max_steps, 1)
+    check_minimum("--max-failures", args.max_failures, 0)
+    for name, value, accepted, ok in (("--lr", args.lr, "a positive number", args.lr > 0),
+                                      ("--weight-decay", args.weight_decay, "zero or positive", args.weight_decay >= 0),
+                                      ("--label-smoothing", args.label_smoothing, "in [0, 1)",
+                                       0 <= args.label_smoothing < 1)):
+        if not (ok and math.isfinite(value)):
+            raise RequestError("args.range", f"{name} must be {accepted}, got {value}")
     return args
+
+
+def check_request(args: argparse.Namespace) -> tuple[str, int]:
+    """Everything a pre-training of ``args`` needs (numbers, files, devices, Ray resources, data,
+    the teacher's model), before Ray starts or anything is written; returns the prepared dataset
+    and its number of train classes."""
+    from .data import ArrowFewShotDataset
+
+    check_args(args)
+    check_file("--init-weights", args.init_weights)
+    check_out_file("--out", args.out)
+    check_out_dir("--storage-path", args.storage_path)
+    if args.backend == "ray":
+        check_fits({"CPU": (args.workers, "--workers (one CPU each)"),
+                    "GPU": (args.workers if args.use_gpu else 0, "--workers with --use-gpu (one GPU each)")})
+    elif args.use_gpu:
+        check_torch_device("--use-gpu", "cuda")
+    dataset_path = resolve_data(args)
+    dataset = ArrowFewShotDataset(dataset_path)
+    _, _, num_classes = train_rows(dataset)
+    try:
+        build_teacher({"teacher": args.teacher, "teacher_widths": args.teacher_widths, "seed": args.seed,
+                       "init_weights": args.init_weights}, num_classes, dataset.shape)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise RequestError("config.models", f"teacher={args.teacher!r} cannot be built for {dataset.shape} "
+                           f"images: {exc}") from None
+    return dataset_path, num_classes
 
 
 def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     """Pre-train the teacher of ``args``; writes ``--out`` and its ``.json`` summary, returns the summary."""
-    from .data import ArrowFewShotDataset, resolve_dataset
+    from .data import ArrowFewShotDataset
 
-    check_args(args)
-
-    dataset_path = str(resolve_dataset(args.dataset, args.data_root, args.cache_dir))
-    rows, _, num_classes = train_rows(ArrowFewShotDataset(dataset_path))
+    dataset_path, num_classes = check_request(args)
+    rows, _, _ = train_rows(ArrowFewShotDataset(dataset_path))
     widths = "-" + "-".join(map(str, args.teacher_widths)) if args.teacher_widths else ""
     run_dir = Path(args.storage_path).resolve() / (args.name or f"pretrain-{args.dataset}-{args.teacher}{widths}")
     if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
-        raise FileExistsError(f"{run_dir} holds a previous pre-training run: pass --resume to continue it, "
-                              "or another --name / --storage-path to start afresh")
-    if args.init_weights and not Path(args.init_weights).is_file():
-        raise FileNotFoundError(f"--init-weights {args.init_weights} does not exist")
+        raise RequestError("file.out", f"--storage-path/--name: {run_dir} holds a previous pre-training run; "
+                           "accepted: --resume to continue it, or another --name or --storage-path")
     config = {"dataset_path": dataset_path, "teacher": args.teacher, "teacher_widths": args.teacher_widths,
               "init_weights": str(Path(args.init_weights).resolve()) if args.init_weights else None,
               "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
@@ -368,8 +399,6 @@ def _fit_on_ray(args: argparse.Namespace, config: dict[str, Any], run_dir: Path
 def _fit_here(args: argparse.Namespace, config: dict[str, Any], run_dir: Path
               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One worker in this process (no Ray): the state after the last epoch and its metrics."""
-    if args.use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("--use-gpu: torch sees no CUDA device here")
     session = LocalSession(run_dir, torch.device("cuda" if args.use_gpu else "cpu"))
     run_dir.mkdir(parents=True, exist_ok=True)
     fit_teacher(config, session)
