@@ -126,7 +126,8 @@ def train_loop(config: dict[str, Any]) -> None:
     dataset = ArrowFewShotDataset(config["dataset_path"])
     runner = AllReduceRunner(cfg, config["dataset_path"], rank, world)
     primary = rank == 0
-    tracker = tracking.tracker(cfg, tracking_uri=config["tracking_uri"]) if primary else tracking.NullTracker()
+    tracker = tracking.tracker(cfg, tracking_uri=config["tracking_uri"], dataset_path=config["dataset_path"],
+                               source=config["source"]) if primary else tracking.NullTracker()
     try:
         with tracker:
             trainer = _WorkerTrainer(cfg, runner, DataSpec.of(dataset), dataset.meta, [tracker], primary=primary)
@@ -163,7 +164,8 @@ def run_allreduce(cfg: Config, dataset_path: str) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "dataset_path": dataset_path,
-                               "tracking_uri": tracking.resolve_tracking_uri() if cfg.mlflow else None},
+                               "tracking_uri": tracking.resolve_tracking_uri() if cfg.mlflow else None,
+                               "source": tracking.source_tags() if cfg.mlflow else None},
             scaling_config=ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
