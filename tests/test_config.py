@@ -5,6 +5,7 @@ from dataclasses import fields
 import pytest
 
 from tsmd_ray.config import Config, add_config_arguments, config_from_args
+from tsmd_ray.errors import RequestError
 
 
 def _parse(argv):
@@ -85,3 +86,49 @@ def test_negated_flag_takes_no_value():
     add_config_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--no-augment", "true"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"checkpoint_every": 0}, "checkpoint_every must be a positive integer, got 0"),
+    ({"meta_batch": 4, "vmap_chunk": 8}, r"vmap_chunk must be between 0 \(all tasks at once\) and meta_batch \(4\)"),
+    ({"patience": 2, "iterations": 20}, r"patience=2 needs meta-validation: eval_every must be between 1 and "
+                                        r"iterations \(20\)"),
+    ({"patience": 2, "eval_every": 5, "val_episodes": 0}, "val_episodes at least 1"),
+    ({"learn_to_teach": True, "method": "fixed-teacher", "teacher_init": "t.pt"}, "learn_to_teach needs method=tsmd"),
+    ({"learn_to_teach": True, "kd_weight": 0.0}, r"learn_to_teach needs method=tsmd and kd_weight > 0"),
+    ({"gpus_per_worker": 1.0, "device": "cpu"}, "gpus_per_worker must be 0 with device=cpu, got 1.0"),
+    ({"device": "gpu"}, "device='gpu' is not one of auto, cpu, cuda, cuda:N"),
+    ({"iterations": "20"}, "iterations must be an integer, got '20'"),
+    ({"iterations": 2.0}, "iterations must be an integer, got 2.0"),
+    ({"learn_to_teach": "yes"}, "learn_to_teach must be true or false, got 'yes'"),
+    ({"alpha": "fast"}, "alpha must be a number, got 'fast'"),
+    ({"student_widths": [8, 0]}, r"student_widths must be a non-empty list of positive integers, got \[8, 0\]"),
+    ({"alpah": 0.1}, r"unknown configuration key\(s\): alpah \(did you mean alpha\?\)"),
+])
+def test_types_and_combinations_are_refused_naming_the_key(changes, message):
+    with pytest.raises(RequestError, match=message) as info:
+        Config.from_dict(changes)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
+    (tmp_path / "c.yaml").write_text("beta: 1e-5\neta: 2\n")  # YAML 1.1 reads 1e-5 as a string
+    cfg = Config.from_yaml(tmp_path / "c.yaml")
+    assert (cfg.beta, cfg.eta) == (1e-5, 2.0) and type(cfg.eta) is float
+
+
+def test_a_file_that_is_not_a_mapping_is_refused(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    with pytest.raises(RequestError, match="list.yaml must hold a mapping of keys to values, got list"):
+        Config.from_yaml(tmp_path / "list.yaml")
+    with pytest.raises(RequestError, match="bad.yaml is not valid YAML at line 2"):
+        Config.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_inert_keys_follow_the_method_and_kd_loss():
+    assert {"alpha", "beta", "kd_weight", "teacher"} <= Config(method="student").inert_keys
+    assert {"lam", "eta", "kd_weight"} <= Config(method="oracle").inert_keys
+    fixed = Config(method="fixed-teacher", teacher_init="t.pt").inert_keys
+    assert {"alpha", "beta", "kd_temperature", "learn_to_teach"} <= fixed and "kd_weight" not in fixed
+    assert Config(method="tsmd").inert_keys == {"rkd_distance_weight", "rkd_angle_weight"}
