@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..errors import ending
 from .datasets import dataset_input, try_dataset_info
+from .ending import end_run
 from .models import log_models_from_checkpoint
 from .naming import run_name as config_run_name
 from .naming import run_tags, source_tags
@@ -109,13 +111,8 @@ class MlflowTracker:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc_type is None:
-            status = "FINISHED"
-        elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
-            status = "KILLED"
-        else:
-            status = "FAILED"
-        self.finish(status, with_models=exc_type is None)
+        status, error = ending(exc)
+        self.finish(status, with_models=exc is None, error=error)
 
     def start(self) -> "MlflowTracker":
         self.out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +182,9 @@ class MlflowTracker:
         except Exception as exc:
             self._fail(exc)
 
-    def finish(self, status: str = "FINISHED", with_models: bool = True) -> None:
+    def finish(self, status: str = "FINISHED", with_models: bool = True, error: str | None = None) -> None:
+        """Log the artifacts (and models), end the run with ``status`` and ``error`` as its
+        ``tsmd.error`` tag."""
         if not self.active:
             return
         try:
@@ -193,8 +192,8 @@ class MlflowTracker:
             log_run_artifacts(self.client, self.run_id, self.out, title=self.name)
             if with_models and self.log_models and (self.out / "checkpoint.pt").is_file():
                 log_models_from_checkpoint(self.run_id, self.out / "checkpoint.pt", self.tracking_uri)
-            self.client.set_terminated(self.run_id, status=status)
-            write_run_file(self.out, status="logged" if status == "FINISHED" else status.lower())
+            end_run(self.client, self.run_id, status, error)
+            write_run_file(self.out, status="logged" if status == "FINISHED" else status.lower(), error=error)
             self.active = False
         except Exception as exc:
             self._fail(exc)
