@@ -16,8 +16,10 @@ from typing import Any
 
 from . import tracking
 from .config import Config, add_config_arguments, config_from_args
-from .data import ArrowFewShotDataset, resolve_dataset
+from .data import ArrowFewShotDataset
 from .engine import DataSpec
+from .errors import RequestError, entry_point
+from .preflight import check_training
 from .training import LocalRunner, Reporter, Runner, Trainer
 
 log = logging.getLogger("tsmd_ray.train")
@@ -32,19 +34,22 @@ def make_runner(cfg: Config, dataset_path: str) -> Runner:
 
 
 def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None) -> dict[str, Any]:
-    """Resolve the data, meta-train, meta-test; returns the evaluation.
+    """Check the request (:func:`~tsmd_ray.preflight.check_training`: data, models, files,
+    resources), meta-train, meta-test; returns the evaluation.
 
     With ``cfg.mlflow`` the run is tracked in MLflow (``tsmd_ray.tracking``); ``tracker`` replaces
-    the default tracker (Tune trials pass one nested under their sweep's run).
+    the default tracker (Tune trials pass one nested under their sweep's run). However the run ends,
+    its MLflow run ends with it (FAILED or KILLED with the error as its ``tsmd.error`` tag).
     """
-    dataset_path = str(resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir))
+    dataset_path = check_training(cfg)  # before Ray starts or an MLflow run opens
     if cfg.backend == "ray" and cfg.aggregation == "allreduce":
         if reporters or tracker is not None:
-            raise ValueError("aggregation=allreduce reports from inside Ray Train workers; "
-                             "use aggregation=driver here (Tune trials do)")
+            raise RequestError("config.allreduce", "aggregation=allreduce reports from inside Ray Train workers; "
+                               "accepted here: aggregation=driver (Tune trials use it)")
         from .distributed.allreduce import run_allreduce
 
-        return run_allreduce(cfg, dataset_path)
+        with tracking.ends_run_in(cfg.out):  # its run lives in the Ray Train workers
+            return run_allreduce(cfg, dataset_path)
     dataset = ArrowFewShotDataset(dataset_path)
     with tracker if tracker is not None else tracking.tracker(cfg, dataset_path=dataset_path) as tracker:
         runner = make_runner(cfg, dataset_path)
@@ -70,18 +75,15 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        result = run(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 2
+def _main(args: argparse.Namespace) -> int:
+    result = run(config_from_args(args))
     print(format_result(result))
     print(json.dumps(result))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)), resumable=True)
 
 
 if __name__ == "__main__":
