@@ -67,8 +67,16 @@ def test_space_errors(tmp_path):
         tsmd_tune.load_space(write_space(tmp_path / "d.yaml", serach={}))
     with pytest.raises(ValueError, match="eval_every"):
         tsmd_tune.load_space(write_space(tmp_path / "e.yaml"), {"eval_every": 0})
-    with pytest.raises(ValueError, match="no student"):
+    with pytest.raises(ValueError, match="metric must be one of val/teacher_acc .*method oracle"):
         tsmd_tune.load_space(write_space(tmp_path / "f.yaml"), {"method": "oracle"})
+    with pytest.raises(ValueError, match=r"scheduler.grace_period must be between 1 and max_t \(= iterations, 4\)"):
+        tsmd_tune.load_space(write_space(tmp_path / "h.yaml", scheduler={"grace_period": 5}))
+    with pytest.raises(ValueError, match=r"scheduler.max_t must be between 1 and iterations \(4\), got 8"):
+        tsmd_tune.load_space(write_space(tmp_path / "i.yaml", scheduler={"max_t": 8}))
+    with pytest.raises(ValueError, match="search.alpha changes nothing with method=student"):
+        tsmd_tune.load_space(write_space(tmp_path / "j.yaml"), {"method": "student"})
+    with pytest.raises(ValueError, match="base.val_episodes must be a positive integer"):
+        tsmd_tune.load_space(write_space(tmp_path / "k.yaml"), {"val_episodes": 0})
     with pytest.raises(ValueError, match="must be a positive"):  # a sampled value the Config rejects
         tsmd_tune.load_space(write_space(tmp_path / "g.yaml", search={"alpha": {"uniform": [-1, 1]}}))
     spec = tsmd_tune.load_space(write_space(tmp_path / "ok.yaml"), tsmd_tune.parse_overrides(["iterations=6"]))

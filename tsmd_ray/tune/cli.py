@@ -7,6 +7,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..errors import INTERRUPTED, TERMINATED, Terminated, entry_point
+from ..preflight import check_minimum
 from .driver import sweep
 from .space import load_space, parse_overrides
 
@@ -53,28 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        spec = load_space(args.space, parse_overrides(args.overrides))
-        if args.name:
-            spec.name = args.name
-        if args.searcher:
-            spec.searcher = args.searcher
-        if args.address:
-            import ray
+def _main(args: argparse.Namespace) -> int:
+    for flag in ("samples", "max_concurrent", "stop_after_trials"):
+        check_minimum("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    spec = load_space(args.space, parse_overrides(args.overrides))
+    if args.name:
+        spec.name = args.name
+    if args.searcher:
+        spec.searcher = args.searcher
+    if args.address:
+        import ray
 
-            if not ray.is_initialized():
-                ray.init(address=args.address)
-        out = sweep(spec, storage=args.storage, resume=args.resume, samples=args.samples,
-                    max_concurrent=args.max_concurrent, stop_after_trials=args.stop_after_trials,
-                    best_config=args.best_config)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
+        if not ray.is_initialized():
+            ray.init(address=args.address)
+    out = sweep(spec, storage=args.storage, resume=args.resume, samples=args.samples,
+                max_concurrent=args.max_concurrent, stop_after_trials=args.stop_after_trials,
+                best_config=args.best_config)
     print(format_summary(out, spec.metric))
     print(json.dumps({k: out[k] for k in ("status", "finished", "samples", "best_config", "experiment_dir")}))
+    if out["ended_by"] == TERMINATED:  # the runs are ended; say so, and how to continue, in one line
+        raise Terminated(TERMINATED)
+    if out["ended_by"] == INTERRUPTED:
+        raise KeyboardInterrupt
     if out["best"] is None:
-        return 1
+        raise RuntimeError(f"no trial reported {spec.metric} ({out['errors']} errored; see {out['experiment_dir']})")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)), resumable=True)

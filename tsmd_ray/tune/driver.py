@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,11 @@ import yaml
 
 from .. import tracking
 from ..config import Config, load_yaml
-from .space import SweepSpec, coerce, tune_domain
-from .trials import (_RUNTIME, TRIALS_DIR, CloseTrialRuns, StopAfterTrials, concurrency, run_trial, trial_backend,
-                     trial_bundles, trial_out_dir)
+from ..errors import INTERRUPTED, TERMINATED, RequestError, Terminated, ending, on_sigterm
+from ..preflight import check_fits, check_out_dir, check_training, resolve_data
+from .space import SweepSpec, check_spec, coerce, tune_domain
+from .trials import (_RUNTIME, STOPPED, TRIALS_DIR, CloseTrialRuns, StopAfterTrials, _interrupt_tune, concurrency,
+                     run_trial, trial_backend, trial_bundles, trial_out_dir)
 
 log = logging.getLogger("tsmd_ray.tune")
 
@@ -80,9 +83,11 @@ def _open_parent_run(spec: SweepSpec, experiment_dir: Path, uri: str, resume: bo
         return None
 
 
-def _finish_parent_run(run_id: str, uri: str, status: str, best: dict[str, Any] | None, files: Sequence[Path]) -> None:
+def _finish_parent_run(run_id: str, uri: str, status: str, best: dict[str, Any] | None, files: Sequence[Path],
+                       error: str | None = None) -> None:
     """Log the best trial's metrics under the trials' own names (the parent's row and charts show
-    them), the summary files, and end the sweep's run."""
+    them) and the summary files; end the sweep's run, and its trials' runs left RUNNING (an
+    interrupted trial's), with ``status`` and ``error`` as their ``tsmd.error`` tag."""
     try:
         client = tracking.connect(uri)
         if best:
@@ -93,7 +98,8 @@ def _finish_parent_run(run_id: str, uri: str, status: str, best: dict[str, Any] 
         for path in files:
             if path.is_file():
                 client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id, status=status)
+        tracking.end_child_runs(client, run_id, "KILLED" if status == "FINISHED" else status, error)
+        tracking.end_run(client, run_id, status, error)
     except Exception as exc:
         log.warning("could not finish the sweep's MLflow run %s: %s", run_id, tracking.short_error(exc))
 
@@ -103,7 +109,7 @@ def _best_trial(results: Any, spec: SweepSpec) -> dict[str, Any] | None:
     try:
         best = results.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
     except Exception as exc:
-        log.error("no trial reported %s: %s", spec.metric, exc)
+        log.warning("no trial reported %s: %s", spec.metric, exc)
         return None
     numeric = {k: float(v) for k, v in best.metrics.items()
                if k.startswith(("val/", "test/")) and isinstance(v, (int, float))}
@@ -191,16 +197,15 @@ def finished_trials(experiment_dir: str | Path) -> int:
 
 def _stored_spec(spec: SweepSpec, experiment_dir: Path, resume: bool, samples: int | None,
                  restorable: bool) -> SweepSpec:
-    """The space a sweep runs with (the stored one on --resume), written to its directory."""
+    """The space a sweep runs with: the stored one on --resume (checked again), else ``spec``."""
     if resume and (experiment_dir / SPACE_COPY).is_file():
         stored = SweepSpec(**load_yaml(experiment_dir / SPACE_COPY))
         if stored.to_dict() != spec.to_dict():
             log.warning("resuming with the space stored in %s (the given space file differs)", experiment_dir)
+        check_spec(stored)
         spec = stored
     if samples and not (resume and restorable):
         spec.samples = samples
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    (experiment_dir / SPACE_COPY).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     return spec
 
 
@@ -208,8 +213,8 @@ def _trial_base(spec: SweepSpec, user_base: dict[str, Any], dataset_path: Path) 
     """The config every trial starts from: the base with the resolved data and the sweep's experiment."""
     cfg = Config.from_dict(user_base)
     if cfg.aggregation != "driver":
-        raise ValueError(f"base.aggregation={cfg.aggregation!r}: Tune trials aggregate on their driver "
-                         "(each trial's placement group holds it); remove the key or set it to 'driver'")
+        raise RequestError("space.value", f"base.aggregation must be driver (Tune trials aggregate on their driver, "
+                           f"which each trial's placement group holds), got {cfg.aggregation!r}")
     backend = trial_backend(cfg.backend)
     return {**user_base, "backend": backend, "workers": (cfg.workers or 1) if backend == "ray" else cfg.workers,
             "data_root": str(dataset_path), "experiment": spec.experiment or cfg.experiment,
@@ -248,40 +253,91 @@ def _write_best_config(spec: SweepSpec, user_base: dict[str, Any], best: dict[st
     return path, str(Path(best_config).resolve()) if best_config else str(path)
 
 
-def sweep(spec: SweepSpec, *, storage: str | Path, resume: bool = False, samples: int | None = None,
-          max_concurrent: int | None = None, stop_after_trials: int | None = None,
-          best_config: str | Path | None = None, verbose: int = 1) -> dict[str, Any]:
-    """Run (or resume) the sweep; returns ``{"status", "best", "best_config", "experiment_dir", ...}``."""
-    import ray
+@dataclass
+class SweepPlan:
+    """A sweep checked and resolved, before anything is written or started."""
+
+    spec: SweepSpec
+    storage: Path
+    experiment_dir: Path
+    restorable: bool
+    user_base: dict[str, Any]
+    dataset_path: str
+    trial_base: dict[str, Any]
+    bundles: list[dict[str, float]]
+
+
+def plan_sweep(spec: SweepSpec, storage: str | Path, resume: bool = False, samples: int | None = None) -> SweepPlan:
+    """Check everything a sweep needs (storage, space, data, the trials' models and resources)
+    without writing or starting anything; a refusal is a ``RequestError`` naming the key."""
     from ray import tune
 
-    from ..data import resolve_dataset
-
     storage = Path(storage).expanduser().resolve()
+    check_out_dir("--storage", storage)
     experiment_dir = storage / spec.name
     restorable = tune.Tuner.can_restore(str(experiment_dir))
     if restorable and not resume:
-        raise ValueError(f"sweep {spec.name!r} already exists at {experiment_dir}: pass --resume to continue it, "
-                         "or choose another --name or --storage")
+        raise RequestError("space.exists", f"sweep {spec.name!r} (name, --name) already exists at {experiment_dir}; "
+                           "accepted: --resume to continue it, or another --name or --storage")
     spec = _stored_spec(spec, experiment_dir, resume, samples, restorable)
     user_base = _absolute(spec.base)
-    cfg = Config.from_dict(user_base)
-    dataset_path = resolve_dataset(cfg.dataset, cfg.data_root, cfg.cache_dir)  # once, not in every trial
+    dataset_path = resolve_data(Config.from_dict(user_base))  # once, not in every trial
     trial_base = _trial_base(spec, user_base, dataset_path)
-    bundles = trial_bundles(Config.from_dict(trial_base), spec.resources)
+    trial = Config.from_dict({**trial_base, "out": str(experiment_dir / TRIALS_DIR / "preflight")})
+    bundles = trial_bundles(trial, spec.resources)
+    keys = {"CPU": "resources.driver_cpus, threads_per_worker", "GPU": "resources.driver_gpus, gpus_per_worker"}
+    check_fits({r: (sum(b.get(r, 0.0) for b in bundles), f"one trial's {r}s ({keys[r]}, workers={trial.workers})")
+                for r in keys})
+    check_training(trial, dataset_path)
+    return SweepPlan(spec, storage, experiment_dir, restorable, user_base, dataset_path, trial_base, bundles)
+
+
+def sweep(spec: SweepSpec, *, storage: str | Path, resume: bool = False, samples: int | None = None,
+          max_concurrent: int | None = None, stop_after_trials: int | None = None,
+          best_config: str | Path | None = None, verbose: int = 1) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns ``{"status", "best", "best_config", "experiment_dir", ...}``.
+
+    The request is checked first (:func:`plan_sweep`). Then the sweep's MLflow run is opened;
+    whatever ends the sweep ends that run and its trials' runs: FINISHED, KILLED (Ctrl+C, SIGTERM,
+    ``--stop-after-trials``; resumable) or FAILED with the error as their ``tsmd.error`` tag.
+    ``SIGTERM`` stops the sweep as Ctrl+C does (Tune saves its state for ``--resume``);
+    ``out["ended_by"]`` says which signal did (``None``: none).
+    """
+    import ray
+
+    plan = plan_sweep(spec, storage, resume, samples)
+    spec, experiment_dir = plan.spec, plan.experiment_dir
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    (experiment_dir / SPACE_COPY).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     if not ray.is_initialized():
         ray.init()
-    limit = max_concurrent or spec.max_concurrent or concurrency(bundles, ray.available_resources())
+    limit = max_concurrent or spec.max_concurrent or concurrency(plan.bundles, ray.available_resources())
     log.info("sweep %s: %d trial(s), each %s (backend %s); up to %d at once; storage %s", spec.name,
-             spec.samples, bundles, trial_base["backend"], limit, experiment_dir)
+             spec.samples, plan.bundles, plan.trial_base["backend"], limit, experiment_dir)
 
     # the trials' runs nest under the sweep's run, with the driver's code version and dataset digest
-    uri = tracking.resolve_tracking_uri() if cfg.mlflow else None
+    mlflow_on = spec.base_config.mlflow
+    uri = tracking.resolve_tracking_uri() if mlflow_on else None
     source = tracking.source_tags("tsmd_ray.tune")
-    dataset = tracking.try_dataset_info(dataset_path) if cfg.mlflow else None
-    parent_run_id = _open_parent_run(spec, experiment_dir, uri, resume, source, dataset) if cfg.mlflow else None
+    dataset = tracking.try_dataset_info(plan.dataset_path) if mlflow_on else None
+    parent_run_id = _open_parent_run(spec, experiment_dir, uri, resume, source, dataset) if mlflow_on else None
     _RUNTIME.update(tracking_uri=uri, experiment_dir=experiment_dir, stop_after=stop_after_trials, finished=0,
-                    stopping=False)
+                    stopping=False, ended_by=None)
+    try:
+        with on_sigterm(_stop_on_sigterm):
+            results = _run_tuner(plan, limit, verbose, parent_run_id, uri, source, dataset, resume)
+        return _conclude(plan, results, parent_run_id, uri, best_config)
+    except BaseException as exc:
+        if parent_run_id:
+            status, error = ending(exc)
+            _finish_parent_run(parent_run_id, uri, status, None, [experiment_dir / SPACE_COPY], error)
+        raise
+
+
+def _run_tuner(plan: SweepPlan, limit: int, verbose: int, parent_run_id: str | None, uri: str | None,
+               source: dict[str, str], dataset: dict[str, Any] | None, resume: bool) -> Any:
+    spec, experiment_dir = plan.spec, plan.experiment_dir
+    trial_base = plan.trial_base
 
     def trainable(config: dict[str, Any]) -> None:
         run_trial(config, base=trial_base, experiment_dir=str(experiment_dir), sweep=spec.name, metric=spec.metric,
@@ -289,18 +345,34 @@ def sweep(spec: SweepSpec, *, storage: str | Path, resume: bool = False, samples
                   dataset=dataset)
 
     trainable.__name__ = "tsmd_trial"
-    results = _tuner(spec, trainable, bundles, storage, experiment_dir, resume and restorable, limit, verbose).fit()
+    return _tuner(spec, trainable, plan.bundles, plan.storage, experiment_dir, resume and plan.restorable, limit,
+                  verbose).fit()
 
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM during a sweep: Tune's own graceful stop (it saves the experiment state, the trials
+    stop, ``--resume`` continues); before Tune runs, an interruption."""
+    _RUNTIME["ended_by"] = TERMINATED
+    if not _interrupt_tune():
+        raise Terminated(TERMINATED)
+
+
+def _conclude(plan: SweepPlan, results: Any, parent_run_id: str | None, uri: str | None,
+              best_config: str | Path | None) -> dict[str, Any]:
+    """Summary files, best config, and the end of the sweep's MLflow run (and of its trials' runs)."""
+    spec, experiment_dir = plan.spec, plan.experiment_dir
     finished = finished_trials(experiment_dir)
     complete = finished >= spec.samples
     best, files = _summary(results, spec, experiment_dir)
+    ended_by = None if complete else (_RUNTIME["ended_by"] or (STOPPED if _RUNTIME["stopping"] else INTERRUPTED))
     out: dict[str, Any] = {"experiment_dir": str(experiment_dir), "finished": finished, "errors": results.num_errors,
                            "samples": spec.samples, "status": "complete" if complete else "interrupted",
-                           "parent_run_id": parent_run_id, "best": best, "best_config": None}
+                           "ended_by": ended_by, "parent_run_id": parent_run_id, "best": best, "best_config": None}
     if best:
-        path, out["best_config"] = _write_best_config(spec, user_base, best, experiment_dir, best_config)
+        path, out["best_config"] = _write_best_config(spec, plan.user_base, best, experiment_dir, best_config)
         files.append(path)
     files.append(experiment_dir / SPACE_COPY)
     if parent_run_id:
-        _finish_parent_run(parent_run_id, uri, "FINISHED" if complete else "KILLED", best if complete else None, files)
+        _finish_parent_run(parent_run_id, uri, "FINISHED" if complete else "KILLED", best if complete else None,
+                           files, ended_by)
     return out

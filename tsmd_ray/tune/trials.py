@@ -15,6 +15,7 @@ from ray.tune import Callback
 
 from .. import tracking
 from ..config import Config
+from ..errors import one_line
 from .space import coerce
 
 log = logging.getLogger("tsmd_ray.tune")
@@ -151,13 +152,14 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], experiment_dir: s
 # each sweep() call: Tune pickles its RunConfig (callbacks included) into the experiment state and
 # Tuner.restore brings back those instances, so they must not carry the first invocation's options.
 _RUNTIME: dict[str, Any] = {"tracking_uri": None, "experiment_dir": None, "stop_after": None, "finished": 0,
-                            "stopping": False}
+                            "stopping": False, "ended_by": None}
+STOPPED = "stopped by --stop-after-trials"
 
 
 class CloseTrialRuns(Callback):
     """Ends the MLflow run of a trial that did not end it itself (stopped early by ASHA, errored)."""
 
-    def _close(self, trial: Any, status: str) -> None:
+    def _close(self, trial: Any, status: str, error: str | None = None) -> None:
         if _RUNTIME["experiment_dir"] is None:
             return
         out = trial_out_dir(_RUNTIME["experiment_dir"], trial.trial_id)
@@ -172,7 +174,7 @@ class CloseTrialRuns(Callback):
                 tracking.log_run_artifacts(client, run_id, out)
                 tracking.write_run_file(out, status=status.lower())
             client.set_tag(run_id, "tsmd.ended_by", "scheduler" if status == "KILLED" else "error")
-            client.set_terminated(run_id, status=status)
+            tracking.end_run(client, run_id, status, error)
         except Exception as exc:  # tracking never breaks the sweep
             log.debug("could not end MLflow run %s: %s", run_id, exc)
 
@@ -180,7 +182,17 @@ class CloseTrialRuns(Callback):
         self._close(trial, "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FAILED")
+        self._close(trial, "FAILED", _trial_error(trial))
+
+
+def _trial_error(trial: Any) -> str:
+    """The last line of the error Tune recorded for ``trial`` (its exception; the traceback is in
+    Tune's error file)."""
+    try:
+        lines = str(trial.get_error() or "").strip().splitlines()
+    except Exception as exc:  # noqa: BLE001 - the error file is gone: say so
+        lines = [f"the trial failed (its error could not be read: {exc})"]
+    return one_line(lines[-1] if lines else "the trial failed")
 
 
 class StopAfterTrials(Callback):
@@ -200,13 +212,15 @@ class StopAfterTrials(Callback):
         _RUNTIME["stopping"] = True
         log.warning("%d trial(s) finished: ending the sweep (--stop-after-trials); continue it with --resume",
                     _RUNTIME["finished"])
-        _interrupt_tune()
+        if not _interrupt_tune():
+            raise KeyboardInterrupt
 
 
-def _interrupt_tune() -> None:
-    """Tune's own graceful stop (it saves the experiment state for ``Tuner.restore``)."""
+def _interrupt_tune() -> bool:
+    """Tune's own graceful stop (it saves the experiment state for ``Tuner.restore``); ``False``
+    when Tune is not running in this thread (nothing was done)."""
     if threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGUSR1)):
         os.kill(os.getpid(), signal.SIGUSR1)
-    else:
-        raise KeyboardInterrupt
+        return True
+    return False
 
