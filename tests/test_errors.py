@@ -178,10 +178,11 @@ def sweep_space(experiment: str, dataset: Path, iterations: int = 2) -> dict:
 
 # ---------------------------------------------------------------------- Ctrl+C and kill of real processes
 def start(args: list[str], uri: str, dataset: Path, cwd: Path) -> subprocess.Popen:
-    """``python -m ARGS`` in its own process, SIGINT at its default (a shell may have ignored it)."""
+    """``python -m ARGS`` in its own process and session (what its Ray processes signal on their way
+    out stays there), with SIGINT at its default (a shell may have ignored it)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TSMD_DATA_ROOT": str(dataset), "RAY_ADDRESS": ""}
     return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -232,10 +233,9 @@ def test_a_killed_sweep_ends_its_runs_and_resumes_into_them(mlflow_server, omnig
     assert error_lines(stderr)[-1].endswith("terminated (SIGTERM); " + errors.RESUME_HINT)
     killed = runs_of(mlflow_server, experiment)
     assert sorted(r.info.status for r in killed) == ["KILLED", "KILLED"]
-    resumed = subprocess.run([sys.executable, "-m", *args, "--resume"], cwd=tmp_path, text=True,
-                             capture_output=True, timeout=600,
-                             env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "RAY_ADDRESS": ""})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = start([*args, "--resume"], mlflow_server, omniglot_dataset, tmp_path)
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
     finished = runs_of(mlflow_server, experiment)
     assert {r.info.run_id for r in finished} == {r.info.run_id for r in killed}  # the same runs, continued
     assert sorted(r.info.status for r in finished) == ["FINISHED", "FINISHED"]

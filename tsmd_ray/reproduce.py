@@ -32,6 +32,7 @@ configs (one YAML per cell, for ``python -m tsmd_ray.train --config``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -45,7 +46,7 @@ from typing import Any
 import yaml
 
 from .config import METHODS, Config, load_yaml
-from .errors import RequestError, entry_point
+from .errors import RequestError, ending, entry_point
 from .preflight import check_out_dir, check_training
 from .tables import FAILED, collect, markdown_table, plot_table
 
@@ -241,8 +242,8 @@ def run_cells(cells: Sequence[Cell], runner: str) -> dict[str, dict[str, Any]]:
         log.info("submitted %d cell(s) as Ray tasks", len(pending))
         try:
             _collect(pending, results)
-        except BaseException:  # Ctrl+C, SIGTERM, a lost cluster: the cells end their runs as KILLED
-            _cancel(pending)
+        except BaseException as exc:  # Ctrl+C, SIGTERM, a lost cluster: the cells end their runs too
+            _cancel(pending, exc)
             raise
     return results
 
@@ -261,14 +262,18 @@ def _collect(pending: dict[Any, Cell], results: dict[str, dict[str, Any]]) -> No
             record_failure(cell, getattr(exc, "cause", None) or exc)
 
 
-def _cancel(pending: dict[Any, Cell]) -> None:
+def _cancel(pending: dict[Any, Cell], exc: BaseException) -> None:
     """Interrupt the cells' running tasks (``KeyboardInterrupt`` in each, so that its training ends
-    its MLflow run as KILLED) and give them a moment to do so."""
+    its MLflow run as KILLED), give them a moment to do so, and end the runs of those that could not."""
     import ray
+
+    from . import tracking
 
     for ref in pending:
         ray.cancel(ref)
     ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
+    for cell in pending.values():
+        tracking.end_run_in(cell.out, *ending(exc))
 
 
 def log_to_mlflow(grid: dict[str, Any], data: dict[str, Any], out: Path) -> str | None:
@@ -276,9 +281,10 @@ def log_to_mlflow(grid: dict[str, Any], data: dict[str, Any], out: Path) -> str 
     base = grid["base"]
     if not grid.get("mlflow", base.get("mlflow", True)):
         return None
-    try:
-        from . import tracking
+    from . import tracking
 
+    run_id = None
+    try:
         client = tracking.connect()
         uri = tracking.resolve_tracking_uri()
         experiment = tracking.ensure_experiment(client, base.get("experiment", "tsmd-ray"), uri)
@@ -303,7 +309,12 @@ def log_to_mlflow(grid: dict[str, Any], data: dict[str, Any], out: Path) -> str 
         client.set_terminated(run_id, "FINISHED")
         log.info("table logged to MLflow run %s at %s", run_id, uri)
         return run_id
-    except Exception as exc:  # tracking must never lose the results on disk
+    except BaseException as exc:  # tracking must never lose the results on disk, nor leave its run open
+        with contextlib.suppress(Exception):
+            if run_id:
+                tracking.end_run(client, run_id, *ending(exc))
+        if not isinstance(exc, Exception):
+            raise
         log.warning("table not logged to MLflow (%s); it is in %s", exc, out)
         return None
 
