@@ -303,8 +303,8 @@ def _check_workers(cfg: Config) -> None:
     if cfg.aggregation == "allreduce" and cfg.backend != "ray":
         raise RequestError("config.allreduce", f"aggregation=allreduce needs backend=ray, got backend={cfg.backend!r}")
     if cfg.aggregation == "allreduce" and cfg.workers > cfg.meta_batch:
-        raise RequestError("config.allreduce", f"workers must be between 0 and meta_batch ({cfg.meta_batch}) with "
-                           f"aggregation=allreduce (every worker takes at least one task), got {cfg.workers}")
+        raise RequestError("config.allreduce", f"aggregation=allreduce needs workers <= meta_batch (every worker "
+                           f"takes at least one task): accepted 0 to {cfg.meta_batch}, got workers={cfg.workers}")
 
 
 def _check_teacher(cfg: Config) -> None:

@@ -45,7 +45,7 @@ def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None) ->
     if cfg.backend == "ray" and cfg.aggregation == "allreduce":
         if reporters or tracker is not None:
             raise RequestError("config.allreduce", "aggregation=allreduce reports from inside Ray Train workers; "
-                               "accepted here: aggregation=driver (Tune trials use it)")
+                               "use aggregation=driver here (Tune trials do)")
         from .distributed.allreduce import run_allreduce
 
         with tracking.ends_run_in(cfg.out):  # its run lives in the Ray Train workers
