@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from itertools import count
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,12 +85,13 @@ def _running_runs(uri: str) -> list[str]:
 @pytest.fixture(scope="module")
 def workspace(mlflow_server, omniglot_dataset, tmp_path_factory):
     """A folder per example, runs tracked on the session's MLflow server, data from the prepared copy."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "TSMD_DATA_ROOT")}
-    os.environ.update(MLFLOW_TRACKING_URI=mlflow_server, TSMD_DATA_ROOT=str(omniglot_dataset))
     root, numbers = tmp_path_factory.mktemp("properties"), count()
-    yield lambda: root / f"example{next(numbers)}", mlflow_server
-    for key, value in saved.items():
-        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    with pytest.MonkeyPatch.context() as mp:
+        # no cluster named from outside: a request too large for this machine is refused, not queued
+        for key, value in {"MLFLOW_TRACKING_URI": mlflow_server, "TSMD_DATA_ROOT": str(omniglot_dataset),
+                           "RAY_ADDRESS": ""}.items():
+            mp.setenv(key, value)
+        yield lambda: root / f"example{next(numbers)}", mlflow_server
 
 
 # a fixed budget, the same examples on every run (CI), no shrinking unless an example fails
