@@ -116,7 +116,6 @@ def check_student_model(client, run_id: str, experiment_id: str) -> None:
 def test_two_seeds_of_one_config_are_told_apart_and_overlay(mlflow_server, client, omniglot_dataset, tmp_path,
                                                             monkeypatch, as_train_command):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     runs = []
     for seed, flags in ((0, []), (1, ["--no-system-metrics"])):
         out = tmp_path / f"seed{seed}"

@@ -56,7 +56,19 @@ def start_system_metrics(run_id: str, uri: str, resumed: bool) -> Any:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=uri)
+    class FinalSampleMonitor(SystemMetricsMonitor):
+        """MLflow's monitor, but ``finish`` also logs a last sample with the unpublished window
+        (MLflow drops it), so every run, even one shorter than the sampling interval, has them."""
+
+        def finish(self) -> None:
+            if self._process is not None:
+                self._shutdown_event.set()
+                self._process.join()
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+            super().finish()
+
+    monitor = FinalSampleMonitor(run_id, resume_logging=resumed, tracking_uri=uri)
     if not any(type(m).__name__ in ("GPUMonitor", "ROCMMonitor") for m in monitor.monitors) and _has_cuda():
         log.warning("GPU system metrics are off: MLflow needs nvidia-ml-py for them (pip install nvidia-ml-py)")
     monitor.start()
