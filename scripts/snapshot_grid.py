@@ -4,7 +4,9 @@
         --dest docs/results/omniglot-claim
 
 Long grids outlive a working session: this commits what has finished (evaluation.json with the
-per-episode accuracies, config.yaml, wall.json) so that the table can be rebuilt and extended later.
+per-episode accuracies, config.yaml, wall.json, metrics.jsonl for the curves) so that the table and
+the curves can be rebuilt and extended later: copy ``DEST/cells/*`` back into ``--out`` and
+``reproduce --resume`` skips them.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from tsmd_ray.reproduce import expand, load_grid
 from tsmd_ray.tables import collect, markdown_table, plot_table, plot_validation_curves
 
-RECORDS = ("evaluation.json", "config.yaml", "wall.json")
+RECORDS = ("evaluation.json", "config.yaml", "wall.json", "metrics.jsonl")
 
 
 def main() -> None:
