@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -156,6 +157,10 @@ def test_seeds_are_pooled_and_methods_paired_episode_by_episode(tmp_path):
     assert "| Ours − Student, seed 0 | +4.00 ± 0.00 |" in text
     assert "| **Ours − Student, pooled** | +3.00 ± " in text
     assert "pooled over 2 training seeds (0, 1)" in text
+    (cells[3].out / "evaluation.json").unlink()  # Ours has only seed 0 now: its cell says so
+    partial = markdown_table(collect(cells))
+    assert re.search(r"\| Ours \| \**57\.33 ± \d+\.\d\d\** \(seed 0\) \|", partial), partial
+    assert re.search(r"\| Student \| [\d.]+ ± [\d.]+ \|", partial)  # all seeds: nothing added
 
 
 def test_pairing_refuses_different_episode_counts(tmp_path):

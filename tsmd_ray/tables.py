@@ -110,6 +110,14 @@ def _scored(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {m: {s: e for s, e in row.items() if "failed" not in e} for m, row in table.items()}
 
 
+def _fewer_seeds(entry: dict[str, Any] | None, seeds: Sequence[int]) -> str:
+    """`` (seed 0)`` for a cell pooled over fewer finished seeds than the grid has; else nothing."""
+    done = sorted(entry["seeds"]) if entry and "seeds" in entry else []
+    if not done or len(done) >= len(seeds):
+        return ""
+    return f" (seed{'s' if len(done) > 1 else ''} {', '.join(map(str, done))})"
+
+
 def _row(name: str, cells: Sequence[str]) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
@@ -128,11 +136,12 @@ def markdown_table(data: dict[str, Any], title: str | None = None) -> str:
             entry = table[method].get(s)
             if entry is not None and method != "oracle" and entry["mean"] == best[s]:
                 text = f"**{text}**"
-            cells.append(text)
+            cells.append(text + _fewer_seeds(entry, data.get("seeds") or []))
         lines.append(_row(ROW_NAMES[method], cells))
     episodes = sorted({e["episodes"] for row in table.values() for e in row.values()})
     seeds = data.get("seeds") or []
-    pooled = f", pooled over {len(seeds)} training seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
+    pooled = (f", pooled over {len(seeds)} training seeds ({', '.join(map(str, seeds))}) or over those a cell "
+              "names" if len(seeds) > 1 else "")
     lines += ["", f"Test accuracy (%), mean ± 95% confidence interval over {'/'.join(map(str, episodes)) or '?'} "
               f"test episodes per cell{pooled}; Oracle is the adapted teacher, every other row the student. "
               "Bold: best student."]
