@@ -19,7 +19,7 @@ from PIL import Image
 
 from tsmd_ray.adapt import (adapt, adapt_models, build_client_models, build_parser, load_server_checkpoint, main,
                             support_files)
-from tsmd_ray.checkpoint import CheckpointError, save_checkpoint
+from tsmd_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tsmd_ray.config import Config
 from tsmd_ray.data import ChannelMismatchError, ImageReadError, read_meta
 from tsmd_ray.engine import DataSpec, MetaLearner
@@ -70,6 +70,12 @@ def write_untrained_checkpoint(path: Path, dataset: Path, **changes) -> Path:
     payload = {"config": cfg.to_dict(), "iteration": 0, "learner": MetaLearner(cfg, DataSpec(1, 28)).state_dict(),
                "data": {"in_channels": 1, "image_size": 28, "preprocess": read_meta(dataset)["preprocess"]}}
     return save_checkpoint(path, payload)
+
+
+def with_config(checkpoint: Path, dest: Path, **changes) -> Path:
+    """A copy of ``checkpoint`` whose configuration has ``changes``."""
+    payload = load_checkpoint(checkpoint)
+    return save_checkpoint(dest, {**payload, "config": {**payload["config"], **changes}})
 
 
 def accuracy(predictions: list[dict], query: dict[str, list[Path]]) -> float:
@@ -222,6 +228,19 @@ def test_help_lists_every_option():
         assert option in text
 
 
+def test_kd_views_change_the_adapted_student(untrained, small_support, tmp_path):
+    """``kd_views`` in the checkpoint's config reaches the client's adaptation (and nothing else does)."""
+    students = {}
+    for views in (0, 2, 2):
+        out = tmp_path / f"views{views}-{len(students)}"
+        adapt(with_config(untrained, tmp_path / f"server{views}.pt", kd_views=views), small_support, out, steps=2,
+              device="cpu")
+        students[out.name] = AdaptedModel.load(out).model.state_dict()
+    zero, two, again = students.values()
+    assert all(torch.equal(two[k], again[k]) for k in two)
+    assert not all(torch.equal(zero[k], two[k]) for k in zero)
+
+
 # ------------------------------------------------------------------------------- bad inputs
 
 
@@ -302,13 +321,17 @@ def _write_png(x: torch.Tensor, preprocess: dict, path: Path) -> None:
     Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
 
 
-def test_evaluation_equals_deployment_image_by_image(server_checkpoint, omniglot_dataset, tmp_path):
+@pytest.mark.parametrize("kd_views", [0, 2])
+def test_evaluation_equals_deployment_image_by_image(server_checkpoint, omniglot_dataset, tmp_path, kd_views):
     """On the same seeded test episodes, ``evaluate``'s student accuracy is the accuracy of the
-    student that ``adapt`` exports and ``predict`` runs: evaluation measures the deployed model."""
+    student that ``adapt`` exports and ``predict`` runs: evaluation measures the deployed model.
+    With ``kd_views`` the student also distils the adapted teacher on augmented views of the
+    support images, which evaluation and the client make alike."""
     from tsmd_ray.data import ArrowFewShotDataset, EpisodeSampler
     from tsmd_ray.evaluate import evaluate_checkpoint
 
     episodes = 4
+    server_checkpoint = with_config(server_checkpoint, tmp_path / "server.pt", kd_views=kd_views)
     evaluated = evaluate_checkpoint(str(server_checkpoint), episodes=episodes, split="test")
     per_episode = evaluated["results"]["student"]["per_episode"]
     cfg, _ = load_server_checkpoint(server_checkpoint)

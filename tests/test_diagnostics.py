@@ -35,6 +35,17 @@ def test_zero_kd_weight_means_no_kd_gradient_and_no_accuracy_change(tsmd_checkpo
     assert difference["mean"] == 0.0 and difference["ci95"] == 0.0
 
 
+def test_kd_views_enter_the_kd_gradient_and_not_the_support_targets(tsmd_checkpoint):
+    """The views use the support set's batch-norm statistics: the support rows (the teacher's soft
+    targets, the student's CE) are as without views, up to float32 rounding."""
+    plain, viewed = (diagnose(tsmd_checkpoint, "val", episodes=3, kd_views=views) for views in (0, 2))
+    for name, summary in plain["soft_targets"].items():
+        assert viewed["soft_targets"][name]["mean"] == pytest.approx(summary["mean"], rel=1e-4), name
+    first = [run["steps"][0] for run in (plain, viewed)]
+    assert first[1]["ce_grad_norm"]["mean"] == pytest.approx(first[0]["ce_grad_norm"]["mean"], rel=1e-4)
+    assert first[1]["kd_grad_norm"]["mean"] != pytest.approx(first[0]["kd_grad_norm"]["mean"], rel=1e-2)
+
+
 def test_hotter_soft_targets_carry_more_off_target_mass(tsmd_checkpoint):
     cold, hot = (diagnose(tsmd_checkpoint, "val", episodes=3, kd_temperature=t)["soft_targets"]["off_target_mass"]
                  for t in (1.0, 8.0))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .algorithms import detached, parameters_of, run_task
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .config import Config
+from .data import augmented_views
 from .engine import DataSpec, build_models, build_objective, resolve_device
 from .errors import entry_point
 from .export import cpu_latency_ms, export_model, freeze_batchnorm, parameter_count, state_dict_bytes
@@ -107,12 +108,13 @@ def _set_params(module: nn.Module, params: dict[str, Tensor]) -> nn.Module:
 
 
 def adapt_models(teacher: nn.Module | None, student: nn.Module, cfg: Config, x: Tensor, y: Tensor,
-                 steps: int, device: torch.device, adapt_teacher: bool = True
+                 steps: int, device: torch.device, adapt_teacher: bool = True, views: Tensor | None = None
                  ) -> tuple[nn.Module | None, nn.Module, dict[str, float]]:
     """Eq. 6 then Eq. 7 on the support set (first order: nothing is meta-learned here).
 
-    ``adapt_teacher=False`` leaves the teacher out (plain MAML, Eq. 7 without L_KD). Returns the
-    teacher and student on ``device`` with adapted weights and their support-set accuracies.
+    ``adapt_teacher=False`` leaves the teacher out (plain MAML, Eq. 7 without L_KD). ``views``:
+    augmented views of the support images for L_KD (``kd_views``). Returns the teacher and student
+    on ``device`` with adapted weights and their support-set accuracies.
     """
     teacher = teacher.to(device) if teacher is not None else None
     student = student.to(device)
@@ -122,8 +124,10 @@ def adapt_models(teacher: nn.Module | None, student: nn.Module, cfg: Config, x: 
     psi = detached(parameters_of(teacher)) if teacher is not None else {}
     theta = detached(parameters_of(student))
     x, y = x.to(device), y.to(device)
+    views = views.to(device) if views is not None else None
     guide = teacher if adapt_teacher else None
-    metrics, psi_task, theta_task = run_task(guide, student, objective.kd_loss, settings, psi, theta, x, y, x, y)
+    metrics, psi_task, theta_task = run_task(guide, student, objective.kd_loss, settings, psi, theta, x, y, x, y,
+                                             views)
     if guide is not None:
         _set_params(teacher, detached(psi_task))
     _set_params(student, detached(theta_task))
@@ -173,8 +177,11 @@ def adapt(checkpoint: str | Path, support: str | Path, out: str | Path, method: 
     y = torch.tensor([i for i, c in enumerate(classes) for _ in files[c]])
     log.info("adapting (%s, %d steps) on %d images of %d classes: %s", method, steps, len(y), len(classes),
              ", ".join(f"{c} ({len(files[c])})" for c in classes))
+    views = None  # with kd_views, the views that evaluation gives the same images (seed and image alone)
+    if cfg.kd_views and method == "tsmd":
+        views = augmented_views(x, cfg.kd_views, cfg.seed, data["preprocess"])
     teacher, student, support_acc = adapt_models(teacher, student, cfg, x, y, steps, resolve_device(device),
-                                                 adapt_teacher=method == "tsmd")
+                                                 adapt_teacher=method == "tsmd", views=views)
     x = x.to(next(student.parameters()).device)
     deployed = freeze_batchnorm(student, x).cpu()
     spec = {"arch": cfg.student, "widths": list(cfg.student_widths), "ways": len(classes),

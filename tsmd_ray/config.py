@@ -31,7 +31,8 @@ BATCH_NORM = ("support", "transductive")
 TEACHER_KEYS = frozenset({"teacher", "teacher_widths", "teacher_weights", "teacher_init", "alpha", "beta",
                           "first_order_teacher", "learn_to_teach"})
 STUDENT_KEYS = frozenset({"student", "student_widths", "lam", "eta", "first_order_student", "learn_to_teach"})
-KD_KEYS = frozenset({"kd_loss", "kd_weight", "kd_temperature", "rkd_distance_weight", "rkd_angle_weight"})
+KD_KEYS = frozenset({"kd_loss", "kd_weight", "kd_temperature", "rkd_distance_weight", "rkd_angle_weight",
+                     "kd_views"})
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -83,6 +84,9 @@ class Config:
     rkd_distance_weight: float = _opt(25.0, "RKD distance term weight (Park et al.)")
     rkd_angle_weight: float = _opt(50.0, "RKD angle term weight (Park et al.)")
     learn_to_teach: bool = _opt(False, "beyond the paper: the student's query loss also trains psi")
+    kd_views: int = _opt(0, "beyond the paper: augmented views of each support image that the adapted teacher "
+                         "labels for the student's L_KD (Eq. 7), in training, evaluation and tsmd_ray.adapt "
+                         "(0: L_KD on the support images alone, as the paper)")
     # outer loop (Eq. 10)
     beta: float = _opt(1e-5, "teacher outer learning rate (Adam, Eq. 10a) [paper: 1e-5]")
     eta: float = _opt(1e-3, "student outer learning rate (Adam, Eq. 10b) [paper: 1e-3]")
@@ -263,7 +267,7 @@ _MINIMA = {"ways": (2, "at least 2 for classification"), "threads_per_worker": (
            **{k: (1, "a positive integer") for k in ("shots", "query", "meta_batch", "iterations", "test_episodes",
                                                      "checkpoint_every")},
            **{k: (0, "zero or positive") for k in ("inner_steps", "eval_inner_steps", "eval_every", "val_episodes",
-                                                   "workers", "vmap_chunk", "patience")}}
+                                                   "workers", "vmap_chunk", "patience", "kd_views")}}
 _POSITIVE = ("alpha", "beta", "lam", "eta", "kd_temperature")
 _NON_NEGATIVE = ("kd_weight", "rkd_distance_weight", "rkd_angle_weight", "gpus_per_worker")
 
@@ -320,10 +324,14 @@ def _check_teacher(cfg: Config) -> None:
 
 
 def _check_kd(cfg: Config) -> None:
-    """Learning to teach sends the student's query loss to psi through L_KD: tsmd with KD only."""
+    """Learning to teach sends the student's query loss to psi through L_KD: tsmd with KD only.
+    KD views are labelled by the teacher for the student's L_KD: a method with both, and KD."""
     if cfg.learn_to_teach and (cfg.method != "tsmd" or not cfg.kd_weight):
         raise RequestError("config.learn-to-teach", f"learn_to_teach needs method=tsmd and kd_weight > 0, got "
                            f"method={cfg.method!r}, kd_weight={cfg.kd_weight}")
+    if cfg.kd_views and (cfg.method not in ("tsmd", "fixed-teacher") or not cfg.kd_weight):
+        raise RequestError("config.kd-views", f"kd_views needs method tsmd or fixed-teacher and kd_weight > 0, got "
+                           f"kd_views={cfg.kd_views}, method={cfg.method!r}, kd_weight={cfg.kd_weight}")
 
 
 CONFIG_KEYS = frozenset(f.name for f in fields(Config))

@@ -4,7 +4,8 @@ Measured on seeded episodes of a TSMD (or fixed-teacher) checkpoint, with its ow
 
 - ``kd_over_ce``: at each student inner step t (Eq. 7), the norm of the KD gradient
   ``kd_weight * grad L_KD`` over the norm of the cross-entropy gradient ``grad L_S``, and their
-  cosine: whether KD steers the few inner steps at all, and in which direction;
+  cosine: whether KD steers the few inner steps at all, and in which direction (L_KD over the
+  support images and, with ``kd_views``, their views);
 - what KD can carry: the adapted teacher's temperature-softened support predictions, as the
   probability they leave off the true class (0 for a one-hot target: nothing beyond the labels)
   and their entropy, beside the teacher's support accuracy;
@@ -27,7 +28,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .algorithms import Outputs, adapt_student, adapt_teacher, detached, forward, parameters_of, query_logits
+from .algorithms import Outputs, adapt_student, adapt_teacher, detached, kd_outputs, parameters_of, query_logits
 from .checkpoint import atomic_write, load_checkpoint
 from .config import Config
 from .data import ArrowFewShotDataset, EpisodeSampler
@@ -46,21 +47,22 @@ def _flat_grad(loss: torch.Tensor, params: dict[str, torch.Tensor], retain_graph
 
 
 def _gradient_terms(worker: TaskWorker, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                    teacher: Outputs) -> tuple[float, float, float]:
+                    teacher: Outputs, views: torch.Tensor | None) -> tuple[float, float, float]:
     """Norms of the CE and weighted KD gradients of Eq. 7 at ``theta``, and their cosine."""
     theta = {k: v.detach().requires_grad_() for k, v in theta.items()}
     with torch.enable_grad():
-        out = forward(worker.student, theta, x)
-        ce = _flat_grad(F.cross_entropy(out.logits, y), theta, retain_graph=True)
+        out = kd_outputs(worker.student, theta, x, views)
+        ce = _flat_grad(F.cross_entropy(out.logits[: y.shape[0]], y), theta, retain_graph=True)
         kd = _flat_grad(worker.objective.settings.kd_weight * worker.objective.kd_loss(out, teacher), theta)
     return float(ce.norm()), float(kd.norm()), float(F.cosine_similarity(ce, kd, dim=0))
 
 
 def _soft_targets(teacher: Outputs, y: torch.Tensor, temperature: float) -> dict[str, float]:
-    p = F.softmax(teacher.logits / temperature, dim=-1)
+    logits = teacher.logits[: y.shape[0]]  # the support rows (KD views follow them)
+    p = F.softmax(logits / temperature, dim=-1)
     return {"off_target_mass": float(1 - p.gather(1, y[:, None]).mean()),
             "entropy": float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()),
-            "teacher_support_acc": float((teacher.logits.argmax(-1) == y).float().mean())}
+            "teacher_support_acc": float((logits.argmax(-1) == y).float().mean())}
 
 
 @torch.no_grad()
@@ -70,17 +72,18 @@ def diagnose_episode(worker: TaskWorker, episode: Any) -> dict[str, Any]:
     sx, sy, qx, qy = (t.to(worker.device) for t in (episode.support_x, episode.support_y, episode.query_x,
                                                      episode.query_y))
     sx, qx = sx.to(worker.dtype), qx.to(worker.dtype)
+    views = None if episode.support_views is None else episode.support_views.to(worker.device, worker.dtype)
     psi, theta = detached(parameters_of(worker.teacher)), detached(parameters_of(worker.student))
     psi_task = adapt_teacher(worker.teacher, psi, sx, sy, s) if s.adapt_teacher else psi
-    teacher = Outputs(*(t.detach() for t in forward(worker.teacher, psi_task, sx)))
+    teacher = Outputs(*(t.detach() for t in kd_outputs(worker.teacher, psi_task, sx, views)))
     steps = []
     for t in range(s.steps + 1):  # theta_t: t inner steps of Eq. 7 (re-run from theta, t = 0..k)
         theta_t = adapt_student(worker.student, theta, sx, sy, teacher, worker.objective.kd_loss,
-                                dataclasses.replace(s, steps=t))
-        steps.append(_gradient_terms(worker, theta_t, sx, sy, teacher))
+                                dataclasses.replace(s, steps=t), views)
+        steps.append(_gradient_terms(worker, theta_t, sx, sy, teacher, views))
 
     def student_acc(guide: Outputs | None) -> float:
-        adapted = adapt_student(worker.student, theta, sx, sy, guide, worker.objective.kd_loss, s)
+        adapted = adapt_student(worker.student, theta, sx, sy, guide, worker.objective.kd_loss, s, views)
         return float((query_logits(worker.student, adapted, sx, qx, s.query_statistics).argmax(-1) == qy).float().mean())
 
     accuracy = {"with_kd": student_acc(teacher), "without_kd": student_acc(None)}
@@ -106,7 +109,7 @@ def diagnose(checkpoint: str, split: str = "val", episodes: int = 100, **overrid
     learner.load_state_dict(payload["learner"])
     worker = TaskWorker(cfg, dataset)
     worker.load_weights(learner.weights())
-    sampler = EpisodeSampler(dataset, split, cfg.ways, cfg.shots, cfg.query, cfg.seed)
+    sampler = EpisodeSampler(dataset, split, cfg.ways, cfg.shots, cfg.query, cfg.seed, views=cfg.kd_views)
     per_episode = [diagnose_episode(worker, sampler.sample(i)) for i in tqdm(range(episodes), desc="diagnostics")]
     steps = [{"step": t, **{name: summarise([e["steps"][t][j] for e in per_episode])
                             for j, name in enumerate(("ce_grad_norm", "kd_grad_norm", "cosine"))},

@@ -111,7 +111,7 @@ class TaskWorker:
         self.objective = build_objective(cfg, self.teacher, self.student, self.device)
         self.samplers = {
             split: EpisodeSampler(dataset, split, cfg.ways, cfg.shots, cfg.query, cfg.seed,
-                                  augment=cfg.augment and split == "train")
+                                  augment=cfg.augment and split == "train", views=cfg.kd_views)
             for split in ("train", "val", "test") if dataset.split_labels(split).size
         }
 

@@ -19,11 +19,16 @@ def tiny_pair(seed: int = 0, teacher_kind: str = "conv4"):
     return teacher.double(), student.double()
 
 
-def random_tasks(n: int, seed: int = 1) -> TaskBatch:
+def random_tasks(n: int, seed: int = 1, views: int = 0) -> TaskBatch:
+    """``n`` random tasks; ``views`` > 0 adds that many noisy copies of each support image as KD views."""
     g = torch.Generator().manual_seed(seed)
     labels = lambda k: torch.arange(WAYS).repeat_interleave(k).repeat(n, 1)  # noqa: E731
-    return TaskBatch(torch.randn(n, WAYS * SHOTS, 1, SIZE, SIZE, generator=g, dtype=torch.float64), labels(SHOTS),
-                     torch.randn(n, WAYS * QUERY, 1, SIZE, SIZE, generator=g, dtype=torch.float64), labels(QUERY))
+    tasks = TaskBatch(torch.randn(n, WAYS * SHOTS, 1, SIZE, SIZE, generator=g, dtype=torch.float64), labels(SHOTS),
+                      torch.randn(n, WAYS * QUERY, 1, SIZE, SIZE, generator=g, dtype=torch.float64), labels(QUERY))
+    if views:
+        copies = tasks.support_x.repeat(1, views, 1, 1, 1)
+        tasks.support_views = copies + 0.3 * torch.randn(copies.shape, generator=g, dtype=torch.float64)
+    return tasks
 
 
 def objective(teacher, student, kd="kl", algorithm="maml", vmap_chunk=0, **settings) -> MetaObjective:

@@ -11,23 +11,37 @@ from tsmd_ray.models import statistics_from_first
 from .helpers import objective, params, random_tasks, tiny_pair
 
 
-def _loss(obj, psi, theta, tasks, key):
-    """The summed query loss alone (detached weights: no outer gradient is computed)."""
+def _loss(obj, psi, theta, tasks, keys):
+    """The summed query losses ``keys`` alone (detached weights: no outer gradient is computed)."""
     detach = lambda w: {k: v.detach() for k, v in w.items()}  # noqa: E731
-    return obj.gradient_sums(detach(psi), detach(theta), tasks)[2][key]
+    metrics = obj.gradient_sums(detach(psi), detach(theta), tasks)[2]
+    return sum(metrics[key] for key in keys)
 
 
-def _finite_difference(obj, psi, theta, tasks, weights, name, key, eps=1e-6):
+def _finite_difference(obj, psi, theta, tasks, weights, name, keys, eps=1e-6):
     p = weights[name]
     idx = tuple(int(i) for i in torch.randint(0, 1, (p.dim(),)))
     with torch.no_grad():
         old = p[idx].item()
         p[idx] = old + eps
-        plus = _loss(obj, psi, theta, tasks, key)
+        plus = _loss(obj, psi, theta, tasks, keys)
         p[idx] = old - eps
-        minus = _loss(obj, psi, theta, tasks, key)
+        minus = _loss(obj, psi, theta, tasks, keys)
         p[idx] = old
     return (plus - minus) / (2 * eps), idx
+
+
+def _assert_gradients_match_finite_differences(obj, psi, theta, tasks, psi_keys=("teacher/loss",)):
+    """Outer gradients of psi (of the query losses ``psi_keys``) and theta (of the student's query
+    loss) against central differences, for about four tensors of each model."""
+    grads_psi, grads_theta, _ = obj.gradient_sums(psi, theta, tasks)
+    checked = 0
+    for weights, grads, keys in ((psi, grads_psi, psi_keys), (theta, grads_theta, ("student/loss",))):
+        for name in list(weights)[:: max(1, len(weights) // 4)]:
+            numeric, idx = _finite_difference(obj, psi, theta, tasks, weights, name, keys)
+            assert grads[name][idx].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
+            checked += 1
+    assert checked >= 6
 
 
 @pytest.mark.parametrize("statistics", ["support", "transductive"])
@@ -38,16 +52,18 @@ def test_second_order_gradients_match_finite_differences(teacher_kind, kd, stati
     # RKD's weights (25, 50) make inner steps of tiny random models large enough to cross ReLU
     # kinks within the finite-difference step; a small KD weight keeps the check smooth.
     obj = objective(teacher, student, kd=kd, kd_weight=1.0 if kd == "kl" else 0.02, query_statistics=statistics)
-    psi, theta = params(teacher, student)
-    tasks = random_tasks(2)
-    grads_psi, grads_theta, _ = obj.gradient_sums(psi, theta, tasks)
-    checked = 0
-    for weights, grads, key in ((psi, grads_psi, "teacher/loss"), (theta, grads_theta, "student/loss")):
-        for name in list(weights)[:: max(1, len(weights) // 4)]:
-            numeric, idx = _finite_difference(obj, psi, theta, tasks, weights, name, key)
-            assert grads[name][idx].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
-            checked += 1
-    assert checked >= 6
+    _assert_gradients_match_finite_differences(obj, *params(teacher, student), random_tasks(2))
+
+
+@pytest.mark.parametrize("learn_to_teach", [False, True])
+@pytest.mark.parametrize("kd", ["kl", "rkd"])
+def test_second_order_gradients_with_kd_views_match_finite_differences(kd, learn_to_teach):
+    """KD on views: theta's gradient runs through the adapted teacher's targets on the views, and
+    with learning to teach psi's gradient takes the student's query loss through them too."""
+    teacher, student = tiny_pair()
+    obj = objective(teacher, student, kd=kd, kd_weight=1.0 if kd == "kl" else 0.02, learn_to_teach=learn_to_teach)
+    psi_keys = ("teacher/loss", "student/loss") if learn_to_teach else ("teacher/loss",)
+    _assert_gradients_match_finite_differences(obj, *params(teacher, student), random_tasks(2, views=2), psi_keys)
 
 
 def test_first_order_differs_from_second_order():
@@ -118,12 +134,13 @@ def test_student_loss_does_not_leak_into_psi():
     assert not torch.allclose(taught["head.weight"], teacher_only["head.weight"])
 
 
+@pytest.mark.parametrize("views", [0, 2])
 @pytest.mark.parametrize("statistics", ["support", "transductive"])
 @pytest.mark.parametrize("teacher_kind", ["conv4", "resnet12"])
 @pytest.mark.parametrize("algorithm", ["maml", "reptile"])
-def test_vmap_and_loop_agree_with_batch_norm(teacher_kind, algorithm, statistics):
+def test_vmap_and_loop_agree_with_batch_norm(teacher_kind, algorithm, statistics, views):
     teacher, student = tiny_pair(teacher_kind=teacher_kind)
-    tasks = random_tasks(4)
+    tasks = random_tasks(4, views=views)
     psi, theta = params(teacher, student)
     settings = dict(algorithm=algorithm, query_statistics=statistics)
     loop = objective(teacher, student, **settings).gradient_sums(psi, theta, tasks)
@@ -178,3 +195,15 @@ def test_fused_batch_norm_gives_the_same_meta_gradients_per_task(teacher_kind):
     for ours, theirs in zip(primitive[:2], fused[:2]):
         for name in ours:
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-12)
+
+
+def test_kd_views_reach_theta_and_not_psi():
+    """Views add KD targets for the student (Eq. 7); psi still learns from its own query loss alone."""
+    teacher, student = tiny_pair()
+    psi, theta = params(teacher, student)
+    plain = objective(teacher, student).gradient_sums(psi, theta, random_tasks(2))
+    viewed = objective(teacher, student).gradient_sums(psi, theta, random_tasks(2, views=2))
+    for name in plain[0]:
+        torch.testing.assert_close(plain[0][name], viewed[0][name], rtol=0, atol=0)
+    assert not torch.allclose(plain[1]["head.weight"], viewed[1]["head.weight"])
+    assert plain[2]["teacher/loss"] == viewed[2]["teacher/loss"]

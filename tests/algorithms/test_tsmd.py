@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from tsmd_ray.algorithms import InnerSettings, make_kd_loss, parameters_of, query_logits, run_task
+from tsmd_ray.algorithms import (InnerSettings, Outputs, adapt_teacher, forward, inner_loop, kd_outputs, make_kd_loss,
+                                 parameters_of, query_logits, run_task)
 
 from .helpers import random_tasks, tiny_pair
 
@@ -49,3 +51,44 @@ def test_run_task_scores_the_query_with_the_chosen_statistics(statistics):
     logits = query_logits(student, theta_task, tasks.support_x[0], tasks.query_x[0], statistics)
     expected = torch.nn.functional.cross_entropy(logits, tasks.query_y[0])
     torch.testing.assert_close(metrics["student/loss"], expected)
+
+
+def test_without_views_the_student_adapts_by_eq7_exactly():
+    """kd_views=0 is the paper's Eq. 7 on the support set, bit for bit: theta'_i and the meta-gradient
+    of the student's query loss equal those of the equation written out here."""
+    teacher, student = tiny_pair()
+    tasks = random_tasks(1)
+    x, y, qx, qy = tasks.support_x[0], tasks.support_y[0], tasks.query_x[0], tasks.query_y[0]
+    s, kd = InnerSettings(steps=2, alpha=0.3, lam=0.2, adapt_teacher=True), make_kd_loss("kl", temperature=2.0)
+    psi, theta = parameters_of(teacher), parameters_of(student)
+    metrics, _, theta_task = run_task(teacher, student, kd, s, psi, theta, x, y, qx, qy)
+    target = Outputs(*(t.detach() for t in forward(teacher, adapt_teacher(teacher, psi, x, y, s), x)))
+
+    def eq7(p):
+        out = forward(student, p, x)
+        return F.cross_entropy(out.logits, y) + kd(out, target)
+
+    expected = inner_loop(eq7, theta, s.steps, s.lam, first_order=False)
+    query_loss = F.cross_entropy(query_logits(student, expected, x, qx), qy)
+    for name in theta:
+        assert torch.equal(theta_task[name], expected[name]), name
+    assert torch.equal(metrics["student/loss"], query_loss)
+    ours = torch.autograd.grad(metrics["student/loss"], list(theta.values()))
+    for name, g, h in zip(theta, ours, torch.autograd.grad(query_loss, list(theta.values()))):
+        assert torch.equal(g, h), name
+
+
+def test_views_are_normalised_with_the_support_statistics():
+    """The KD rows [support; views]: support rows as without views (so L_S is unchanged), and each
+    view normalised with the support set's statistics, independently of the other views."""
+    tasks = random_tasks(1, views=2)
+    x, views = tasks.support_x[0], tasks.support_views[0]
+    rows = x.shape[0]
+    for model in tiny_pair():
+        p = parameters_of(model)
+        both = kd_outputs(model, p, x, views)
+        assert both.logits.shape[0] == rows + views.shape[0]
+        for ours, alone in zip(both, forward(model, p, x)):
+            torch.testing.assert_close(ours[:rows], alone, rtol=1e-10, atol=1e-12)
+        for ours, one in zip(both, kd_outputs(model, p, x, views[:1])):
+            torch.testing.assert_close(ours[rows:rows + 1], one[rows:], rtol=1e-10, atol=1e-12)

@@ -44,8 +44,8 @@ def _tags(x: torch.Tensor) -> np.ndarray:
 
 
 def test_same_task_same_tensors_other_task_other_tensors(omniglot: ArrowFewShotDataset) -> None:
-    sampler = EpisodeSampler(omniglot, "train", ways=5, shots=1, query=5, seed=3)
-    again = EpisodeSampler(ArrowFewShotDataset(omniglot.path), "train", ways=5, shots=1, query=5, seed=3)
+    sampler = EpisodeSampler(omniglot, "train", ways=5, shots=1, query=5, seed=3, views=2)
+    again = EpisodeSampler(ArrowFewShotDataset(omniglot.path), "train", ways=5, shots=1, query=5, seed=3, views=2)
     first, second = sampler.sample(7), again.sample(7)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
@@ -95,6 +95,38 @@ def test_augmentation_is_reproducible_and_changes_images(omniglot: ArrowFewShotD
     assert torch.equal(a.support_y, plain.sample(11).support_y)
 
 
+@pytest.mark.parametrize("split, augment", [("train", True), ("val", False)])
+def test_views_leave_the_episode_as_it_was(omniglot: ArrowFewShotDataset, split: str, augment: bool) -> None:
+    plain = EpisodeSampler(omniglot, split, ways=5, shots=2, query=2, seed=0, augment=augment)
+    viewed = EpisodeSampler(omniglot, split, ways=5, shots=2, query=2, seed=0, augment=augment, views=3)
+    assert plain.sample(4).support_views is None
+    for a, b in zip(plain.sample(4)[:4], viewed.sample(4)[:4], strict=True):
+        assert torch.equal(a, b)
+    batch = viewed.sample_batch([4, 6])
+    assert batch.support_views.shape == (2, 30, 1, 28, 28) and plain.sample_batch([4, 6]).support_views is None
+    assert torch.equal(batch.support_views[1], viewed.sample(6).support_views)
+
+
+def test_an_image_gets_the_same_views_in_every_episode(tagged: ArrowFewShotDataset) -> None:
+    """Without augmentation a support image's views depend on the seed and the image alone (what a
+    client adapting on the same image reproduces); with augmentation, on the episode's stream."""
+    sampler = EpisodeSampler(tagged, "train", ways=4, shots=2, query=3, seed=0, views=2)
+    seen: dict[int, torch.Tensor] = {}
+    repeated = 0
+    for task in range(12):
+        episode = sampler.sample(task)
+        views = episode.support_views.unflatten(0, (2, 8))
+        for j, tag in enumerate(_tags(episode.support_x)):
+            if tag in seen:
+                assert torch.equal(seen[tag], views[:, j])
+                repeated += 1
+            seen[tag] = views[:, j]
+    assert repeated > 0
+    augmented = EpisodeSampler(tagged, "train", ways=4, shots=2, query=3, seed=0, augment=True, views=2)
+    assert not torch.equal(augmented.sample(0).support_views, sampler.sample(0).support_views)
+    assert torch.equal(augmented.sample(0).support_views, augmented.sample(0).support_views)
+
+
 def test_sampler_pickles(omniglot: ArrowFewShotDataset) -> None:
     sampler = EpisodeSampler(omniglot, "train", ways=5, shots=1, query=1, seed=2)
     clone = pickle.loads(pickle.dumps(sampler))
@@ -117,6 +149,12 @@ def test_non_positive_sizes(omniglot: ArrowFewShotDataset, field: str, value) ->
     sizes = {"ways": 5, "shots": 1, "query": 1, field: value}
     with pytest.raises(EpisodeConfigError, match=field):
         EpisodeSampler(omniglot, "train", seed=0, **sizes)
+
+
+@pytest.mark.parametrize("views", [-1, 1.5, True])
+def test_views_must_be_a_count(omniglot: ArrowFewShotDataset, views) -> None:
+    with pytest.raises(EpisodeConfigError, match="views must be zero or a positive integer"):
+        EpisodeSampler(omniglot, "train", ways=5, shots=1, query=1, seed=0, views=views)
 
 
 def test_empty_split(tagged: ArrowFewShotDataset) -> None:

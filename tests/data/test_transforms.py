@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tsmd_ray.data import ChannelMismatchError, ImageReadError, augment, load_image, normalise
+from tsmd_ray.data import ChannelMismatchError, ImageReadError, augment, augmented_views, load_image, normalise
 
 GRAY = {"size": [8, 8], "channels": 1, "invert": False, "mean": [0.5], "std": [0.25]}
 RGB = {"size": [8, 8], "channels": 3, "invert": False, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -34,6 +34,20 @@ def test_augment_crop_and_flip_only_move_pixels() -> None:
     x[:, :, 3:5, 3:5] = 1.0
     out = augment(x, torch.Generator().manual_seed(0), padding=2, brightness=0, contrast=0)
     assert torch.equal(out.sum(dim=(1, 2, 3)), torch.full((4,), 4.0))  # the blob moves, stays whole
+
+
+@pytest.mark.parametrize("preprocess", [GRAY, RGB])
+def test_views_depend_on_each_image_and_the_seed_alone(preprocess: dict) -> None:
+    x = normalise(_batch(preprocess["channels"]), preprocess)
+    views = augmented_views(x, 3, 7, preprocess)
+    assert views.shape == (18, *x.shape[1:])
+    assert torch.equal(views, augmented_views(x, 3, 7, preprocess))
+    order = torch.tensor([4, 0, 5, 2, 1, 3])
+    shuffled = augmented_views(x[order], 3, 7, preprocess).unflatten(0, (3, 6))  # view-major
+    assert torch.equal(shuffled, views.unflatten(0, (3, 6))[:, order])
+    assert torch.equal(augmented_views(x[:1], 3, 7, preprocess), views.unflatten(0, (3, 6))[:, 0])
+    assert not torch.equal(views, augmented_views(x, 3, 8, preprocess))
+    assert not torch.equal(views[:6], views[6:12]) and not torch.equal(views[:6], x)
 
 
 def test_normalise_uint8_and_float_agree() -> None:

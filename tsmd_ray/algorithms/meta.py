@@ -20,24 +20,31 @@ from .tsmd import InnerSettings, run_task
 
 @dataclass
 class TaskBatch:
-    """Episodes stacked over a leading task dimension."""
+    """Episodes stacked over a leading task dimension; ``support_views`` (optional) are augmented
+    views of the support images for the student's L_KD (see :func:`run_task`)."""
 
     support_x: Tensor
     support_y: Tensor
     query_x: Tensor
     query_y: Tensor
+    support_views: Tensor | None = None
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The task tensors in ``run_task``'s argument order (``support_views`` only if present)."""
+        views = () if self.support_views is None else (self.support_views,)
+        return (self.support_x, self.support_y, self.query_x, self.query_y, *views)
+
     def chunks(self, size: int) -> Iterator["TaskBatch"]:
         for start in range(0, len(self), size):
-            yield TaskBatch(*(t[start:start + size] for t in
-                              (self.support_x, self.support_y, self.query_x, self.query_y)))
+            yield TaskBatch(*(t[start:start + size] for t in self.tensors()))
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "TaskBatch":
+        views = None if self.support_views is None else self.support_views.to(device, dtype)
         return TaskBatch(self.support_x.to(device, dtype), self.support_y.to(device),
-                         self.query_x.to(device, dtype), self.query_y.to(device))
+                         self.query_x.to(device, dtype), self.query_y.to(device), views)
 
 
 @dataclass
@@ -57,17 +64,16 @@ class MetaObjective:
 
     def _task_results(self, psi: Params, theta: Params, tasks: TaskBatch, settings: InnerSettings):
         """Yield ``(metrics, psi', theta')`` per task or per vmap chunk, with a leading task dimension."""
-        def one(s, sx, sy, qx, qy):
-            return run_task(self.teacher, self.student, self.kd_loss, s, psi, theta, sx, sy, qx, qy)
+        def one(s, *task):
+            return run_task(self.teacher, self.student, self.kd_loss, s, psi, theta, *task)
 
         if self.vmap_chunk > 0:
             batched = torch.func.vmap(partial(one, replace(settings, vectorized=True)))
             for chunk in tasks.chunks(self.vmap_chunk):
-                yield batched(chunk.support_x, chunk.support_y, chunk.query_x, chunk.query_y)
+                yield batched(*chunk.tensors())
         else:
             for i in range(len(tasks)):
-                yield _with_task_dim(one(settings, tasks.support_x[i], tasks.support_y[i],
-                                         tasks.query_x[i], tasks.query_y[i]))
+                yield _with_task_dim(one(settings, *(t[i] for t in tasks.tensors())))
 
     def gradient_sums(self, psi: Params, theta: Params, tasks: TaskBatch
                       ) -> tuple[Params, Params, dict[str, float]]:

@@ -40,15 +40,24 @@ def adapt_teacher(teacher: nn.Module, psi: Params, x: Tensor, y: Tensor, s: Inne
                       s.first_order_teacher, s.vectorized)
 
 
-def adapt_student(student: nn.Module, theta: Params, x: Tensor, y: Tensor,
-                  teacher_support: Outputs | None, kd_loss: KDLoss, s: InnerSettings) -> Params:
-    # Eq. 7: theta'_i = theta - lam * grad_theta [L_S(theta; D_tr) + L_KD(psi'_i, theta; D_tr)]
+def kd_outputs(model: nn.Module, params: Params, x: Tensor, views: Tensor | None) -> Outputs:
+    """Outputs on the KD rows: the support set ``x``, then its ``views`` (if any) normalised with the
+    support set's batch-norm statistics, so the support rows are unchanged by the views."""
+    if views is None:
+        return forward(model, params, x)
+    with statistics_from_first(x.shape[0]):
+        return forward(model, params, torch.cat([x, views]))
+
+
+def adapt_student(student: nn.Module, theta: Params, x: Tensor, y: Tensor, teacher_kd: Outputs | None,
+                  kd_loss: KDLoss, s: InnerSettings, views: Tensor | None = None) -> Params:
+    # Eq. 7: theta'_i = theta - lam * grad_theta [L_S(theta; D_tr) + L_KD(psi'_i, theta; D_tr)]; with
+    # ``views`` (beyond the paper) L_KD runs over D_tr and the views, whose targets ``teacher_kd`` holds too
     def loss(p: Params) -> Tensor:
-        out = forward(student, p, x)
-        ce = F.cross_entropy(out.logits, y)
-        if teacher_support is None:
-            return ce
-        return ce + s.kd_weight * kd_loss(out, teacher_support)
+        if teacher_kd is None:
+            return cross_entropy(student, p, x, y)
+        out = kd_outputs(student, p, x, views)
+        return F.cross_entropy(out.logits[: y.shape[0]], y) + s.kd_weight * kd_loss(out, teacher_kd)
 
     return inner_loop(loss, theta, s.steps, s.lam, s.first_order_student, s.vectorized)
 
@@ -70,16 +79,18 @@ def query_logits(model: nn.Module, params: Params, support_x: Tensor, query_x: T
 
 def run_task(teacher: nn.Module | None, student: nn.Module | None, kd_loss: KDLoss,
              s: InnerSettings, psi: Params, theta: Params, support_x: Tensor, support_y: Tensor,
-             query_x: Tensor, query_y: Tensor) -> tuple[dict[str, Tensor], Params, Params]:
+             query_x: Tensor, query_y: Tensor, support_views: Tensor | None = None
+             ) -> tuple[dict[str, Tensor], Params, Params]:
     """Adapt teacher then student on the support set and score both on the query set (Eq. 8).
 
-    Returns query metrics (``teacher/loss``, ``teacher/acc``, ``student/loss``, ``student/acc``
-    for the models present; none for a fixed teacher, whose N-way head is never trained) and the
-    adapted weights (psi'_i, theta'_i).
+    ``support_views`` (beyond the paper): augmented views of the support images that the adapted
+    teacher labels for the student's L_KD (ignored without KD). Returns query metrics
+    (``teacher/loss``, ``teacher/acc``, ``student/loss``, ``student/acc`` for the models present;
+    none for a fixed teacher, whose N-way head is never trained) and the adapted weights (psi'_i, theta'_i).
     """
     metrics: dict[str, Tensor] = {}
     psi_task, theta_task = psi, theta
-    teacher_support = None
+    teacher_kd = None
     if teacher is not None:
         if s.adapt_teacher:
             psi_task = adapt_teacher(teacher, psi, support_x, support_y, s)
@@ -87,11 +98,11 @@ def run_task(teacher: nn.Module | None, student: nn.Module | None, kd_loss: KDLo
             metrics["teacher/loss"] = F.cross_entropy(logits, query_y)  # Eq. 8a
             metrics["teacher/acc"] = accuracy(logits.detach(), query_y)
         if student is not None and s.kd_weight > 0:
-            teacher_support = forward(teacher, psi_task, support_x)
+            teacher_kd = kd_outputs(teacher, psi_task, support_x, support_views)
             if not s.learn_to_teach:  # Eq. 10a: psi is trained by the teacher's query loss alone
-                teacher_support = Outputs(*(t.detach() for t in teacher_support))
+                teacher_kd = Outputs(*(t.detach() for t in teacher_kd))
     if student is not None:
-        theta_task = adapt_student(student, theta, support_x, support_y, teacher_support, kd_loss, s)
+        theta_task = adapt_student(student, theta, support_x, support_y, teacher_kd, kd_loss, s, support_views)
         logits = query_logits(student, theta_task, support_x, query_x, s.query_statistics)
         metrics["student/loss"] = F.cross_entropy(logits, query_y)  # Eq. 8b
         metrics["student/acc"] = accuracy(logits.detach(), query_y)

@@ -16,7 +16,7 @@ from .errors import (
 from .folder import PrepareOptions, prepare_folder, prepare_manifest
 from .omniglot import prepare_omniglot
 from .registry import PREPARERS, Preparer, resolve_dataset
-from .transforms import augment, load_image, normalise
+from .transforms import augment, augmented_views, load_image, normalise
 
 __all__ = [
     "FORMAT_VERSION",
@@ -36,6 +36,7 @@ __all__ = [
     "Preparer",
     "SplitError",
     "augment",
+    "augmented_views",
     "load_image",
     "normalise",
     "prepare_folder",

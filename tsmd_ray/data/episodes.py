@@ -12,7 +12,7 @@ import torch
 from .arrow import SPLITS, ArrowFewShotDataset
 from .errors import EpisodeConfigError, NotEnoughClassesError, NotEnoughImagesError
 from .transforms import augment as augment_batch
-from .transforms import normalise
+from .transforms import augmented_views, normalise
 
 SPLIT_CODES = {split: code for code, split in enumerate(SPLITS)}  # train 0, val 1, test 2
 LEAVE_OUT = "leave_out"  # meta["sampling"]["small_classes"]: skip classes smaller than shots + query
@@ -24,16 +24,19 @@ class Episode(NamedTuple):
 
     ``*_x``: float32 ``(N*K, C, H, W)``, normalised; ``*_y``: int64 in ``0..ways-1``.
     Support and query are both class-major: rows ``i*K .. i*K+K-1`` belong to class ``i``.
+    ``support_views``: ``(V*N*K, C, H, W)`` augmented views of the support images, view-major
+    (row ``v*N*K + j`` is view ``v`` of support row ``j``), or ``None`` without views.
     """
 
     support_x: torch.Tensor
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+    support_views: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Episode:
         """Move every tensor to ``device``."""
-        return Episode(*(t.to(device, non_blocking=non_blocking) for t in self))
+        return Episode(*(t if t is None else t.to(device, non_blocking=non_blocking) for t in self))
 
 
 class EpisodeSampler:
@@ -42,6 +45,10 @@ class EpisodeSampler:
     Episode ``task_id`` depends only on ``(seed, split, task_id)``: classes and images are drawn
     from ``numpy.random.default_rng([seed, split_code, task_id])`` and augmentation (train-time
     crop/flip/jitter, ``augment=True``) from a ``torch.Generator`` seeded by that same stream.
+    ``views`` > 0 adds that many augmented views of each (unaugmented) support image
+    (:func:`~.transforms.augmented_views`), seeded by ``seed`` and the image itself, or, with
+    ``augment``, by a draw from the episode's stream: without augmentation an image gets the same
+    views in every episode and wherever else it is viewed with the same seed (a client's support folder).
     Pickles cheaply (the dataset pickles as its path). A class with fewer than ``shots + query``
     images is an error, unless the dataset's ``meta["sampling"]["small_classes"]`` is
     ``"leave_out"`` (datasets prepared from your own images): then it is left out (``left_out``).
@@ -56,9 +63,11 @@ class EpisodeSampler:
         query: int,
         seed: int,
         augment: bool = False,
+        views: int = 0,
     ) -> None:
-        _check_positive(ways=ways, shots=shots, query=query)
-        self.dataset, self.split, self.seed, self.augment = dataset, split, seed, augment
+        _check_counts(1, ways=ways, shots=shots, query=query)
+        _check_counts(0, views=views)
+        self.dataset, self.split, self.seed, self.augment, self.views = dataset, split, seed, augment, views
         self.ways, self.shots, self.query = ways, shots, query
         self._labels = dataset.split_labels(split)
         self.left_out: dict[str, int] = {}  # class name -> images, of the classes too small to sample
@@ -111,7 +120,8 @@ class EpisodeSampler:
         """The episode of ``task_id`` (same arguments -> identical tensors)."""
         rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], task_id])
         rows = self._rows(rng)
-        x = torch.from_numpy(self.dataset.images[rows.ravel()]).permute(0, 3, 1, 2).contiguous()
+        images = torch.from_numpy(self.dataset.images[rows.ravel()]).permute(0, 3, 1, 2).contiguous()
+        x = images
         if self.augment:
             generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
             x = augment_batch(x.float() / 255.0, generator)
@@ -122,17 +132,28 @@ class EpisodeSampler:
             support_y=labels.expand(-1, self.shots).flatten(),
             query_x=x[:, self.shots :].flatten(0, 1),
             query_y=labels.expand(-1, self.query).flatten(),
+            support_views=self._views(images.unflatten(0, rows.shape)[:, : self.shots].flatten(0, 1), rng),
         )
+
+    def _views(self, support: torch.Tensor, rng: np.random.Generator) -> torch.Tensor | None:
+        """``views`` augmented views of the uint8 ``support`` images, or ``None`` without views."""
+        if not self.views:
+            return None
+        seed = int(rng.integers(2**63 - 1)) if self.augment else self.seed
+        preprocess = self.dataset.preprocess
+        return augmented_views(normalise(support, preprocess), self.views, seed, preprocess)
 
     def sample_batch(self, task_ids: Sequence[int]) -> Episode:
         """Episodes of ``task_ids`` stacked on a leading task dimension ``(T, N*K, C, H, W)``."""
         episodes = [self.sample(task_id) for task_id in task_ids]
         if not episodes:
             raise EpisodeConfigError("sample_batch needs at least one task id")
-        return Episode(*(torch.stack(field) for field in zip(*episodes, strict=True)))
+        fields = zip(*episodes, strict=True)
+        return Episode(*(None if field[0] is None else torch.stack(field) for field in fields))
 
 
-def _check_positive(**values: int) -> None:
+def _check_counts(minimum: int, **values: int) -> None:
+    accepted = "a positive integer" if minimum else "zero or a positive integer"
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise EpisodeConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise EpisodeConfigError(f"{name} must be {accepted}, got {value!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -103,6 +104,27 @@ def augment(
         gray = _gray(x)
         x = ((x - gray) * _factors(x, saturation, generator) + gray).clamp_(0, 1)
     return x
+
+
+def augmented_views(x: torch.Tensor, count: int, seed: int, preprocess: Mapping[str, Any]) -> torch.Tensor:
+    """``count`` views (:func:`augment`) of each normalised CPU image of ``x`` ``(N, C, H, W)``, normalised,
+    view-major: row ``v * N + i`` is view ``v`` of image ``i``.
+
+    An image's views depend only on ``seed`` and the image's own values, not on the other images or
+    their order: an episode's support image and the same image in a client's support folder get the
+    same views.
+    """
+    mean = torch.as_tensor(preprocess["mean"], dtype=x.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(preprocess["std"], dtype=x.dtype).view(-1, 1, 1)
+    views = [augment((image * std + mean).clamp(0, 1).expand(count, -1, -1, -1), _image_generator(image, seed))
+             for image in x]
+    return normalise(torch.stack(views, dim=1).flatten(0, 1), preprocess)
+
+
+def _image_generator(image: torch.Tensor, seed: int) -> torch.Generator:
+    """A generator seeded by ``seed`` and the bytes of ``image``."""
+    digest = hashlib.blake2b(image.numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def _factors(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
