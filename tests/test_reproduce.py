@@ -97,6 +97,10 @@ def test_resume_retrains_only_unfinished_or_changed_cells(omniglot_dataset, tmp_
     (out / "5-way-1-shot" / "student" / "evaluation.json").unlink()  # as if killed before meta-testing
     data = reproduce(grid, out, resume=True)
     assert data["trained"] == ["5-way 1-shot/student"]
+    # a key added since a cell finished stands for its default there: the cell stays finished
+    saved = out / "5-way-1-shot" / "fixed-teacher" / "config.yaml"
+    saved.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(saved.read_text()).items() if k != "kd_views"}))
+    assert all(finished(c) for c in expand(load_grid(grid), out, resume=True))
     # a changed setting invalidates finished cells
     write_grid(grid, omniglot_dataset, methods=("student", "fixed-teacher"), inner_steps=2)
     cells = expand(load_grid(grid), out, resume=True)

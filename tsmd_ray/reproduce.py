@@ -39,7 +39,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ CANCEL_WAIT_S = 30.0  # how long interrupted cells get to end their MLflow runs
 # keys that may differ between a finished cell and the grid without invalidating it
 RUNTIME_KEYS = {"resume", "out", "backend", "workers", "gpus_per_worker", "threads_per_worker", "mlflow",
                 "experiment", "device", "data_root", "cache_dir", "task_batching", "vmap_chunk"}
+# what a finished cell's config.yaml written before a key existed stands for: that key's default
+DEFAULTS = {f.name: f.default for f in fields(Config) if f.default is not MISSING}
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def finished(cell: Cell) -> bool:
     except (json.JSONDecodeError, yaml.YAMLError):
         return False
     wanted = cell.cfg.to_dict()
-    differ = sorted(k for k in wanted if k not in RUNTIME_KEYS and saved.get(k) != wanted[k])
+    differ = sorted(k for k in wanted if k not in RUNTIME_KEYS and saved.get(k, DEFAULTS.get(k)) != wanted[k])
     if differ:
         log.warning("cell %s has results from another config (%s differ): training it again",
                     cell.name, ", ".join(differ[:5]))
