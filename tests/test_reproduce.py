@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tsmd_ray.reproduce import expand, finished, load_grid, main, reproduce, write_configs
-from tsmd_ray.tables import collect, markdown_table
+from tsmd_ray.tables import across_seeds, collect, markdown_table
 
 TINY_BASE = dict(dataset="omniglot", teacher="conv4", teacher_widths=[8, 8, 8, 8], student_widths=[4, 4, 4, 4],
                  iterations=2, meta_batch=2, inner_steps=1, query=2, eval_every=0, test_episodes=6, mlflow=False,
@@ -161,10 +161,21 @@ def test_seeds_are_pooled_and_methods_paired_episode_by_episode(tmp_path):
     assert "| Ours − Student, seed 0 | +4.00 ± 0.00 |" in text
     assert "| **Ours − Student, pooled** | +3.00 ± " in text
     assert "pooled over 2 training seeds (0, 1)" in text
+    # across seeds: differences 4 and 2 points, sd 1.41, t(1 df) = 12.706 -> +3.00 ± 12.71
+    assert paired["across_seeds"]["ci95"] == pytest.approx(12.706 * 0.02 / 2 ** 0.5 / 2 ** 0.5)
+    assert "| **Ours − Student, across seeds** | +3.00 ± 12.71 (n=2) |" in text
     (cells[3].out / "evaluation.json").unlink()  # Ours has only seed 0 now: its cell says so
     partial = markdown_table(collect(cells))
     assert re.search(r"\| Ours \| \**57\.33 ± \d+\.\d\d\** \(seed 0\) \|", partial), partial
     assert re.search(r"\| Student \| [\d.]+ ± [\d.]+ \|", partial)  # all seeds: nothing added
+
+
+@pytest.mark.parametrize("n, t", [(2, 12.706), (4, 3.182), (21, 2.086), (61, 2.000)])
+def test_the_across_seeds_interval_is_students_t(n, t):
+    means = [(-1) ** i for i in range(n)]  # sd known in closed form
+    mean = sum(means) / n
+    sd = (sum((m - mean) ** 2 for m in means) / (n - 1)) ** 0.5
+    assert across_seeds(means)["ci95"] == pytest.approx(t * sd / n ** 0.5, rel=2e-3)
 
 
 def test_pairing_refuses_different_episode_counts(tmp_path):

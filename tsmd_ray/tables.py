@@ -8,6 +8,7 @@ difficulty of each episode and sees effects far smaller than the accuracies' own
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,8 +94,26 @@ def paired_differences(episodes: dict[tuple[str, str], dict[int, dict[str, list[
                 paired.setdefault(method, {})[setting] = {
                     "per_seed": {seed: summarise(d) for seed, d in per_seed.items()},
                     "pooled": summarise([v for d in per_seed.values() for v in d]),
+                    "across_seeds": across_seeds(means),
                     "seed_means": {"min": min(means), "max": max(means)}}
     return paired
+
+
+# Student's t, 97.5% quantile, for 1-10 degrees of freedom; beyond, a Cornish-Fisher expansion
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def across_seeds(means: Sequence[float]) -> dict[str, float]:
+    """Mean of the per-seed differences and its 95% t-interval over seeds: the uncertainty of what a
+    new training seed gives (the pooled interval counts test episodes only, the seeds as fixed)."""
+    n = len(means)
+    mean = sum(means) / n
+    if n < 2:
+        return {"mean": mean, "ci95": float("nan"), "seeds": n}
+    sd = math.sqrt(sum((m - mean) ** 2 for m in means) / (n - 1))
+    df, z = n - 1, 1.959964
+    t = T975[df - 1] if df <= len(T975) else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    return {"mean": mean, "ci95": t * sd / math.sqrt(n), "seeds": n}
 
 
 def _fmt(entry: dict[str, Any] | None, signed: bool = False) -> str:
@@ -171,7 +190,9 @@ def _paired_lines(data: dict[str, Any]) -> list[str]:
         return []
     settings = data["settings"]
     lines = ["", f"Paired differences against {ROW_NAMES[BASELINE]} (percentage points, mean ± 95% CI over the "
-             "same seeded test episodes; per training seed, then pooled):", "",
+             "same seeded test episodes; per training seed, then pooled over the seeds' episodes, which counts "
+             "test-episode error only; then across seeds: the mean of the per-seed differences with a 95% "
+             "t-interval over seeds, which also counts what a new training seed changes):", "",
              _row("Difference", settings), "|---|" + "---|" * len(settings)]
     for method, by_setting in paired.items():
         name = f"{ROW_NAMES[method]} − {ROW_NAMES[BASELINE]}"
@@ -182,6 +203,10 @@ def _paired_lines(data: dict[str, Any]) -> list[str]:
         if len(seeds) > 1:
             lines.append(_row(f"**{name}, pooled**", [_fmt(by_setting[s]["pooled"], True) if s in by_setting else "—"
                                                        for s in settings]))
+            lines.append(_row(f"**{name}, across seeds**",
+                              [_fmt(by_setting[s]["across_seeds"], True) + f" (n={by_setting[s]['across_seeds']['seeds']})"
+                               if s in by_setting and by_setting[s]["across_seeds"]["seeds"] > 1 else "—"
+                               for s in settings]))
     return lines
 
 
