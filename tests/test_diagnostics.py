@@ -1,6 +1,8 @@
 """Distillation diagnostics on a tiny meta-trained TSMD pair (real Omniglot episodes)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tsmd_ray.config import Config
@@ -44,6 +46,12 @@ def test_kd_views_enter_the_kd_gradient_and_not_the_support_targets(tsmd_checkpo
     first = [run["steps"][0] for run in (plain, viewed)]
     assert first[1]["ce_grad_norm"]["mean"] == pytest.approx(first[0]["ce_grad_norm"]["mean"], rel=1e-4)
     assert first[1]["kd_grad_norm"]["mean"] != pytest.approx(first[0]["kd_grad_norm"]["mean"], rel=1e-2)
+
+
+def test_the_command_line_measures_with_views(tsmd_checkpoint, tmp_path):
+    out = tmp_path / "d.json"
+    assert main(["--checkpoint", tsmd_checkpoint, "--episodes", "2", "--kd-views", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["kd_views"] == 2
 
 
 def test_hotter_soft_targets_carry_more_off_target_mass(tsmd_checkpoint):

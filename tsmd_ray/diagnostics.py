@@ -120,7 +120,7 @@ def diagnose(checkpoint: str, split: str = "val", episodes: int = 100, **overrid
                                                    for e in per_episode])
     return {"checkpoint": checkpoint, "method": cfg.method, "split": split, "episodes": episodes,
             "kd_loss": cfg.resolved_kd_loss, "kd_weight": cfg.kd_weight, "kd_temperature": cfg.kd_temperature,
-            "steps": steps, "accuracy": accuracy,
+            "kd_views": cfg.kd_views, "steps": steps, "accuracy": accuracy,
             "soft_targets": {k: summarise([e["soft_targets"][k] for e in per_episode])
                              for k in per_episode[0]["soft_targets"]}}
 
@@ -128,7 +128,8 @@ def diagnose(checkpoint: str, split: str = "val", episodes: int = 100, **overrid
 def format_diagnostics(result: dict[str, Any]) -> str:
     """A short text report of :func:`diagnose`'s result."""
     pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['ci95']:.2f}"  # noqa: E731
-    lines = [f"{result['method']} ({result['kd_loss']}, weight {result['kd_weight']}, T {result['kd_temperature']}) "
+    lines = [f"{result['method']} ({result['kd_loss']}, weight {result['kd_weight']}, T {result['kd_temperature']}, "
+             f"{result.get('kd_views', 0)} views) "
              f"on {result['episodes']} {result['split']} episodes", "inner step | |grad CE| | |grad KD| | KD/CE | cos"]
     for s in result["steps"]:
         lines.append(f"{s['step']:>10} | {s['ce_grad_norm']['mean']:.4f} | {s['kd_grad_norm']['mean']:.4f} | "
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="dataset location, if not the one used for training")
     parser.add_argument("--kd-weight", type=float, help="measure with another KD weight than the checkpoint's")
     parser.add_argument("--kd-temperature", type=float, help="measure with another temperature")
+    parser.add_argument("--kd-views", type=int, help="measure with K augmented views per support image (kd_views)")
     parser.add_argument("--json", help="also write the result to this JSON file")
     return parser
 
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(args: argparse.Namespace) -> int:
     check_out_file("--json", args.json)
     result = diagnose(args.checkpoint, args.split, args.episodes, data_root=args.data_root,
-                      kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
+                      kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, kd_views=args.kd_views)
     print(format_diagnostics(result))
     if args.json:
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
