@@ -38,6 +38,12 @@ def write_space(path: Path, **changes) -> Path:
     return path
 
 
+def test_committed_best_configs_train_as_configs():
+    for path in sorted((SPACES / "best").glob("*.yaml")):
+        cfg = Config.from_yaml(path)  # a train config, not a space
+        assert cfg.method in ("tsmd", "fixed-teacher") and cfg.kd_weight > 0, path
+
+
 def test_shipped_spaces_parse():
     datasets = {}
     for path in sorted(SPACES.glob("*.yaml")):
