@@ -105,6 +105,17 @@ def test_resume_retrains_only_unfinished_or_changed_cells(omniglot_dataset, tmp_
     write_grid(grid, omniglot_dataset, methods=("student", "fixed-teacher"), inner_steps=2)
     cells = expand(load_grid(grid), out, resume=True)
     assert not any(finished(c) for c in cells)
+    # their checkpoints are of another config: the cells train from the start, not from them ...
+    reproduce(grid, out, resume=True)
+    assert _steps(out / "5-way-1-shot" / "student") == [1, 2, 2]  # iterations 1, 2, then the test record
+    # ... while a cell that only runs longer goes on from its checkpoint
+    write_grid(grid, omniglot_dataset, methods=("student", "fixed-teacher"), inner_steps=2, iterations=3)
+    reproduce(grid, out, resume=True)
+    assert _steps(out / "5-way-1-shot" / "student") == [1, 2, 2, 3, 3]
+
+
+def _steps(cell_out):
+    return [json.loads(line)["step"] for line in (cell_out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(omniglot_dataset, tmp_path):
@@ -186,3 +197,39 @@ def test_pairing_refuses_different_episode_counts(tmp_path):
     _write_evaluation(cells[1].out, {"student": [0.5] * 5})
     with pytest.raises(ValueError, match="same episodes"):
         collect(cells)
+
+
+def test_the_grid_is_one_mlflow_run_with_every_cell_nested(mlflow_server, omniglot_dataset, tmp_path, monkeypatch):
+    """A cell that tracks itself nests under the grid's run as it trains; an untracked one is uploaded
+    into it at the end; the table is on the grid's run; --resume reopens that run, adding no cell twice."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    grid = write_grid(tmp_path / "tiny.yaml", omniglot_dataset, experiment="reproduce-grid")
+    spec = yaml.safe_load(grid.read_text())
+    spec.update(mlflow=True, method_overrides={"student": {"mlflow": True, "system_metrics": False}})
+    grid.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    reproduce(grid, out)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("reproduce-grid").experiment_id
+    parents = client.search_runs([experiment], "tags.`tsmd.kind` = 'reproduce'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = {r.data.tags["tsmd.method"]: r for r in
+                client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert set(children) == {"student", "tsmd"}
+    assert "tsmd.uploaded" not in children["student"].data.tags  # tracked live, nested as it trained
+    assert children["tsmd"].data.tags["tsmd.uploaded"] == "true"  # mlflow: false, uploaded at the end
+    table = json.loads((out / "results.json").read_text())["table"]
+    for method, child in children.items():
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics["test/student_acc"] == pytest.approx(table[method]["5-way 1-shot"]["mean"])
+        assert parent.data.metrics[f"5-way-1-shot/{method}/acc"] == pytest.approx(table[method]["5-way 1-shot"]["mean"])
+    assert "5-way-1-shot/tsmd_minus_student/mean" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.md", "results.png", "grid.yaml"}
+
+    reproduce(grid, out, resume=True)
+    assert [r.info.run_id for r in client.search_runs([experiment], "tags.`tsmd.kind` = 'reproduce'")] \
+        == [parent.info.run_id]
+    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == 2

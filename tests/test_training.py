@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,12 +99,15 @@ def test_reptile_variants_run(tmp_path, omniglot_dataset, method):
     assert set(result["results"]) == {model}
 
 
-def test_nan_loss_stops_with_iteration_and_keeps_last_checkpoint(tmp_path, omniglot_dataset):
+def test_nan_loss_stops_with_iteration_and_keeps_last_checkpoint(tmp_path, omniglot_dataset, caplog):
     cfg = tiny(tmp_path, omniglot_dataset, method="student", iterations=6, checkpoint_every=1)
     run(cfg.replace(iterations=2))
     good = load_checkpoint(tmp_path / "checkpoint.pt")
     with pytest.raises(RuntimeError, match=r"non-finite .* at iteration 2.*iteration 1\) is kept"):
         run(cfg.replace(resume=True, lam=1e38))
+    # resuming under another learning rate is allowed (after a NaN, the advice is to lower it), and said
+    assert re.search(r"resuming .*checkpoint.pt under other lam than it was trained with \(lam 0.1 -> 1e\+38\)",
+                     caplog.text)
     kept = load_checkpoint(tmp_path / "checkpoint.pt")
     assert kept["iteration"] == good["iteration"] == 1
 

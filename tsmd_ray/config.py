@@ -335,6 +335,22 @@ def _check_kd(cfg: Config) -> None:
 
 
 CONFIG_KEYS = frozenset(f.name for f in fields(Config))
+# keys that say where and how a run computes or logs, never what it computes
+RUNTIME_KEYS = frozenset({"resume", "out", "backend", "aggregation", "workers", "gpus_per_worker", "threads_per_worker",
+                          "mlflow", "experiment", "run_name", "system_metrics", "profile", "device", "data_root",
+                          "cache_dir", "task_batching", "vmap_chunk"})
+# keys a resumed run may change without leaving its trajectory: when it ends, how it is measured,
+# and the teacher's starting file (psi comes from the checkpoint)
+RESUMABLE_KEYS = RUNTIME_KEYS | {"iterations", "patience", "eval_every", "val_episodes", "test_episodes",
+                                 "eval_inner_steps", "checkpoint_every", "teacher_init", "teacher_weights"}
+_DEFAULTS = {f.name: f.default for f in fields(Config) if f.default is not dataclasses.MISSING}
+
+
+def changed_keys(saved: dict[str, Any], cfg: Config, ignore: frozenset[str] = RUNTIME_KEYS) -> list[str]:
+    """The keys, outside ``ignore``, whose value in ``cfg`` differs from ``saved`` (a config.yaml or a
+    checkpoint's config; a key it lacks, written before the key existed, stands for its default)."""
+    wanted = cfg.to_dict()
+    return sorted(k for k in wanted if k not in ignore and saved.get(k, _DEFAULTS.get(k)) != wanted[k])
 
 
 def did_you_mean(name: str, known: Any) -> str:

@@ -21,31 +21,39 @@ after the other from this process, each on the cluster through its own Ray actor
 (``tsmd_ray.distributed.RayRunner``). ``backend: local`` runs everything here, one cell at a time.
 
 ``--resume`` skips every cell whose ``evaluation.json`` exists (and whose ``config.yaml`` matches
-the grid), and resumes unfinished cells from their ``checkpoint.pt``. The table (rows Student,
+the grid), and resumes unfinished cells from their ``checkpoint.pt`` unless it was trained with
+another config (keys beyond ``iterations``, ``patience`` and the other ones a run may change when
+resumed): such a cell trains from the start. The table (rows Student,
 Fixed teacher, Ours, Oracle; one column per setting; mean ± 95% CI in percent) is written to
 ``OUT/results.md``, ``OUT/results.json`` and ``OUT/results.png`` with, below it, the paired
-differences of every method against Student on the same seeded test episodes (``tsmd_ray.tables``),
-and logged to MLflow when
-``base.mlflow`` is true and a tracking store answers. ``--expand DIR`` only writes the cells'
+differences of every method against Student on the same seeded test episodes (``tsmd_ray.tables``).
+
+MLflow (grid key ``mlflow``, default ``base.mlflow``): the grid is one run, ``reproduce <name>``,
+opened before its cells train (``--resume`` reopens it) and the parent of every cell's run: cells
+with ``mlflow: true`` nest under it as they train; finished cells that were not tracked (``mlflow:
+false``, trained elsewhere with ``train --config``, or while the store was away) are uploaded into
+it when the grid ends. The table goes in as metrics (``<setting>/<method>/acc``, ``.../ci95``,
+``<setting>/<method>_minus_student/mean``) and files. ``--expand DIR`` only writes the cells'
 configs (one YAML per cell, for ``python -m tsmd_ray.train --config``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import METHODS, Config, load_yaml
+from . import tracking
+from .checkpoint import load_checkpoint
+from .config import METHODS, RESUMABLE_KEYS, Config, changed_keys, load_yaml
 from .errors import RequestError, ending, entry_point
 from .preflight import check_out_dir, check_training
 from .tables import FAILED, collect, markdown_table, plot_table
@@ -53,11 +61,6 @@ from .tables import FAILED, collect, markdown_table, plot_table
 log = logging.getLogger("tsmd_ray.reproduce")
 
 CANCEL_WAIT_S = 30.0  # how long interrupted cells get to end their MLflow runs
-# keys that may differ between a finished cell and the grid without invalidating it
-RUNTIME_KEYS = {"resume", "out", "backend", "workers", "gpus_per_worker", "threads_per_worker", "mlflow",
-                "experiment", "device", "data_root", "cache_dir", "task_batching", "vmap_chunk"}
-# what a finished cell's config.yaml written before a key existed stands for: that key's default
-DEFAULTS = {f.name: f.default for f in fields(Config) if f.default is not MISSING}
 
 
 @dataclass(frozen=True)
@@ -180,8 +183,7 @@ def finished(cell: Cell) -> bool:
         saved = yaml.safe_load(config.read_text()) if config.is_file() else {}
     except (json.JSONDecodeError, yaml.YAMLError):
         return False
-    wanted = cell.cfg.to_dict()
-    differ = sorted(k for k in wanted if k not in RUNTIME_KEYS and saved.get(k, DEFAULTS.get(k)) != wanted[k])
+    differ = changed_keys(saved, cell.cfg)
     if differ:
         log.warning("cell %s has results from another config (%s differ): training it again",
                     cell.name, ", ".join(differ[:5]))
@@ -189,9 +191,17 @@ def finished(cell: Cell) -> bool:
     return True
 
 
+def _stale_checkpoint(cell: Cell) -> list[str]:
+    """The keys in which the cell's ``checkpoint.pt`` was trained otherwise than the grid asks (beyond
+    those a resumed run may change, such as ``patience``): such a checkpoint must not be resumed."""
+    path = cell.out / "checkpoint.pt"
+    return changed_keys(load_checkpoint(path)["config"], cell.cfg, RESUMABLE_KEYS) if path.is_file() else []
+
+
 # ---------------------------------------------------------------------- running cells
-def run_cell(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Meta-train and meta-test one cell (here or inside a Ray task); returns its evaluation."""
+def run_cell(cfg_dict: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
+    """Meta-train and meta-test one cell (here or inside a Ray task), its MLflow run nested under the
+    grid's run ``parent_run_id``; returns its evaluation."""
     import torch
 
     from .train import run
@@ -200,7 +210,7 @@ def run_cell(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     if cfg.backend == "local":
         torch.set_num_threads(max(1, cfg.threads_per_worker))
     started = time.perf_counter()
-    result = run(cfg)
+    result = run(cfg, parent_run_id=parent_run_id)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     Path(cfg.out, "wall.json").write_text(json.dumps({"wall_s": result["wall_s"]}))
     return result
@@ -215,7 +225,7 @@ def record_failure(cell: Cell, exc: BaseException) -> None:
                                                "error": message}))
 
 
-def run_cells(cells: Sequence[Cell], runner: str) -> dict[str, dict[str, Any]]:
+def run_cells(cells: Sequence[Cell], runner: str, parent_run_id: str | None = None) -> dict[str, dict[str, Any]]:
     """Train the cells (here, or as Ray tasks); ``{cell name: evaluation}`` of those that finished."""
     results: dict[str, dict[str, Any]] = {}
     ray_cells = [c for c in cells if c.cfg.backend == "ray" and runner == "tasks"]
@@ -224,7 +234,7 @@ def run_cells(cells: Sequence[Cell], runner: str) -> dict[str, dict[str, Any]]:
             continue
         log.info("training cell %s in %s", cell.name, cell.out)
         try:
-            results[cell.name] = run_cell(cell.cfg.to_dict())
+            results[cell.name] = run_cell(cell.cfg.to_dict(), parent_run_id)
         except (ValueError, FileNotFoundError, RuntimeError) as exc:  # one bad cell must not end the grid
             record_failure(cell, exc)
     if ray_cells:
@@ -240,7 +250,7 @@ def run_cells(cells: Sequence[Cell], runner: str) -> dict[str, dict[str, Any]]:
             task = ray.remote(run_cell).options(num_cpus=max(1, cfg.threads_per_worker),
                                                 num_gpus=cfg.gpus_per_worker, max_retries=2,
                                                 name=f"cell:{slug(cell.setting)}/{cell.method}/{cell.seed}")
-            pending[task.remote(cfg.to_dict())] = cell
+            pending[task.remote(cfg.to_dict(), parent_run_id)] = cell
         log.info("submitted %d cell(s) as Ray tasks", len(pending))
         try:
             _collect(pending, results)
@@ -269,8 +279,6 @@ def _cancel(pending: dict[Any, Cell], exc: BaseException) -> None:
     its MLflow run as KILLED), give them a moment to do so, and end the runs of those that could not."""
     import ray
 
-    from . import tracking
-
     for ref in pending:
         ray.cancel(ref)
     ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
@@ -278,47 +286,20 @@ def _cancel(pending: dict[Any, Cell], exc: BaseException) -> None:
         tracking.end_run_in(cell.out, *ending(exc))
 
 
-def log_to_mlflow(grid: dict[str, Any], data: dict[str, Any], out: Path) -> str | None:
-    """One MLflow run for the grid: the table as metrics and artifacts. Never raises."""
-    base = grid["base"]
-    if not grid.get("mlflow", base.get("mlflow", True)):
-        return None
-    from . import tracking
-
-    run_id = None
-    try:
-        client = tracking.connect()
-        uri = tracking.resolve_tracking_uri()
-        experiment = tracking.ensure_experiment(client, base.get("experiment", "tsmd-ray"), uri)
-        run = client.create_run(experiment, run_name=f"reproduce {grid['name']}",
-                                tags={"tsmd_ray.kind": "reproduce", "tsmd_ray.grid": grid["name"]})
-        run_id = run.info.run_id
-        for method, row in data["table"].items():
-            for setting, entry in row.items():
-                if "failed" in entry:
-                    continue
+def table_metrics(data: dict[str, Any]) -> dict[str, float]:
+    """The table as MLflow metrics: ``<setting>/<method>/acc`` and ``/ci95``, and the paired differences
+    pooled over seeds, ``<setting>/<method>_minus_student/mean`` and ``/ci95``."""
+    metrics: dict[str, float] = {}
+    for method, row in data["table"].items():
+        for setting, entry in row.items():
+            if "mean" in entry:
                 key = f"{slug(setting)}/{method}"
-                client.log_metric(run_id, f"{key}/acc", entry["mean"])
-                client.log_metric(run_id, f"{key}/ci95", entry["ci95"])
-        for method, by_setting in data["paired"].items():
-            for setting, entry in by_setting.items():
-                key = f"{slug(setting)}/{method}_minus_student"
-                client.log_metric(run_id, f"{key}/mean", entry["pooled"]["mean"])
-                client.log_metric(run_id, f"{key}/ci95", entry["pooled"]["ci95"])
-        for name in ("results.md", "results.json", "results.png", "grid.yaml"):
-            if (out / name).is_file():
-                client.log_artifact(run_id, str(out / name))
-        client.set_terminated(run_id, "FINISHED")
-        log.info("table logged to MLflow run %s at %s", run_id, uri)
-        return run_id
-    except BaseException as exc:  # tracking must never lose the results on disk, nor leave its run open
-        with contextlib.suppress(Exception):
-            if run_id:
-                tracking.end_run(client, run_id, *ending(exc))
-        if not isinstance(exc, Exception):
-            raise
-        log.warning("table not logged to MLflow (%s); it is in %s", exc, out)
-        return None
+                metrics |= {f"{key}/acc": entry["mean"], f"{key}/ci95": entry["ci95"]}
+    for method, by_setting in data["paired"].items():
+        for setting, entry in by_setting.items():
+            key = f"{slug(setting)}/{method}_minus_student"
+            metrics |= {f"{key}/mean": entry["pooled"]["mean"], f"{key}/ci95": entry["pooled"]["ci95"]}
+    return metrics
 
 
 def write_table(grid: dict[str, Any], cells: Sequence[Cell], out: Path) -> dict[str, Any]:
@@ -348,17 +329,30 @@ def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
     skipped = len(cells) - len(todo)
-    if not resume:  # a fresh grid: outputs of an earlier run of these cells must not be resumed from
-        for cell in todo:
-            for name in ("checkpoint.pt", "best.pt", "evaluation.json", "metrics.jsonl", "wall.json", FAILED):
+    for cell in todo:  # outputs of an earlier run: all stale on a fresh grid, those of another config on --resume
+        stale = _stale_checkpoint(cell) if resume else []
+        if stale:
+            log.warning("cell %s: its checkpoint was trained with other %s: training it from the start",
+                        cell.name, ", ".join(stale[:5]))
+        if stale or not resume:
+            for name in ("checkpoint.pt", "best.pt", "evaluation.json", "metrics.jsonl", "wall.json", FAILED,
+                         tracking.RUN_FILE):
                 (cell.out / name).unlink(missing_ok=True)
     log.info("grid %s: %d cell(s), %d finished and skipped, %d to train", grid["name"], len(cells), skipped, len(todo))
     started = time.perf_counter()
-    run_cells(todo, grid.get("runner", "tasks"))
+    parent = tracking.open_grid_run(grid["name"], grid["base"].get("experiment", Config.experiment), out, resume) \
+        if grid.get("mlflow", grid["base"].get("mlflow", True)) else None
+    try:
+        run_cells(todo, grid.get("runner", "tasks"), parent)
+    except BaseException as exc:  # the cells that finished are nested, the grid's run ends KILLED or FAILED
+        if parent:
+            tracking.close_grid_run(parent, out, [c.out for c in cells], {}, *ending(exc))
+        raise
     data = write_table(grid, cells, out)
     data.update(trained=[c.name if grid.get("seeds") else f"{c.setting}/{c.method}" for c in todo], skipped=skipped,
                 wall_s=round(time.perf_counter() - started, 1), out=str(out))
-    log_to_mlflow(grid, data, out)
+    if parent:
+        tracking.close_grid_run(parent, out, [c.out for c in cells], table_metrics(data))
     return data
 
 

@@ -33,12 +33,14 @@ def make_runner(cfg: Config, dataset_path: str) -> Runner:
     return RayRunner(cfg, dataset_path)
 
 
-def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None) -> dict[str, Any]:
+def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None,
+        parent_run_id: str | None = None) -> dict[str, Any]:
     """Check the request (:func:`~tsmd_ray.preflight.check_training`: data, models, files,
     resources), meta-train, meta-test; returns the evaluation.
 
     With ``cfg.mlflow`` the run is tracked in MLflow (``tsmd_ray.tracking``); ``tracker`` replaces
-    the default tracker (Tune trials pass one nested under their sweep's run). However the run ends,
+    the default tracker (Tune trials pass one nested under their sweep's run); ``parent_run_id``
+    nests the default tracker's run (a grid's cell under its grid). However the run ends,
     its MLflow run ends with it (FAILED or KILLED with the error as its ``tsmd.error`` tag).
     """
     dataset_path = check_training(cfg)  # before Ray starts or an MLflow run opens
@@ -51,7 +53,9 @@ def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None) ->
         with tracking.ends_run_in(cfg.out):  # its run lives in the Ray Train workers
             return run_allreduce(cfg, dataset_path)
     dataset = ArrowFewShotDataset(dataset_path)
-    with tracker if tracker is not None else tracking.tracker(cfg, dataset_path=dataset_path) as tracker:
+    if tracker is None:
+        tracker = tracking.tracker(cfg, dataset_path=dataset_path, parent_run_id=parent_run_id)
+    with tracker:
         runner = make_runner(cfg, dataset_path)
         try:
             # MLflow first: a Tune reporter may end the trial inside report() (ASHA), losing later reporters

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from .config import Config
+from .config import RESUMABLE_KEYS, Config, changed_keys
 from .data import ArrowFewShotDataset
 from .engine import DataSpec, MetaLearner, TaskWorker, Weights
 
@@ -155,6 +155,11 @@ class Trainer:
 
     def restore(self, payload: dict[str, Any], source: str | Path) -> None:
         """Continue from a checkpoint payload (see :meth:`checkpoint_payload`)."""
+        changed = changed_keys(payload["config"], self.cfg, RESUMABLE_KEYS)
+        if changed:
+            log.warning("resuming %s under other %s than it was trained with (%s): the run goes on with the new "
+                        "values", source, ", ".join(changed),
+                        ", ".join(f"{k} {payload['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed[:3]))
         self.learner.load_state_dict(payload["learner"])
         self.start = payload["iteration"] + 1
         self.last_checkpoint = payload["iteration"]

@@ -30,9 +30,11 @@ replays them into MLflow later. ``python -m tsmd_ray.tracking where`` prints the
 Modules: ``store`` (URI, connection, experiments), ``records`` (params, metrics, run file,
 artifacts), ``naming`` (run names, tags, code version), ``datasets`` (dataset input), ``models``,
 ``tracker`` (the run tracker), ``ending`` (ending runs FINISHED, FAILED or KILLED with the error
-as their ``tsmd.error`` tag, nested and orphaned runs included), ``upload`` (upload and the command line).
+as their ``tsmd.error`` tag, nested and orphaned runs included), ``upload`` (upload and the command line),
+``grid`` (a results grid's parent run, its cells nested under it).
 """
 from .datasets import dataset_info, dataset_input, try_dataset_info
+from .grid import close_grid_run, nest_cells, open_grid_run
 from .ending import ERROR_TAG, end_child_runs, end_run, end_run_in, ends_run_in
 from .models import input_example, log_models_from_checkpoint
 from .naming import code_version, config_digest, default_run_name, run_name, run_tags, source_tags, trial_run_name
@@ -47,10 +49,10 @@ from .upload import main, upload_run
 __all__ = [
     "ARTIFACT_FILES", "CURVES_FILE", "ERROR_TAG", "EXPERIMENT_KIND_TAG", "HTTP_BOUNDS", "MODEL_TRAINING_KIND",
     "MlflowTracker", "NullTracker", "PROBE_TIMEOUT_S", "RUN_FILE", "TrackingError", "artifact_location",
-    "bound_http_retries", "code_version", "config_digest", "config_params", "connect", "dataset_info",
+    "bound_http_retries", "close_grid_run", "code_version", "config_digest", "config_params", "connect", "dataset_info",
     "dataset_input", "default_run_name", "default_tracking_uri", "end_child_runs", "end_run", "end_run_in",
     "ends_run_in", "ensure_experiment", "input_example", "log_metrics", "log_models_from_checkpoint", "log_params",
-    "log_run_artifacts", "main", "param_value", "read_run_file", "resolve_tracking_uri", "run_name", "run_tags",
+    "log_run_artifacts", "main", "nest_cells", "open_grid_run", "param_value", "read_run_file", "resolve_tracking_uri", "run_name", "run_tags",
     "short_error", "source_tags", "tracker", "trial_run_name", "try_dataset_info", "tsmd_home", "upload_run",
     "write_learning_curves", "write_run_file",
 ]

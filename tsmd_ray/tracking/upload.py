@@ -45,6 +45,8 @@ def upload_run(out: str | Path, *, tracking_uri: str | None = None, experiment: 
     skip: set[tuple[str, int]] = set()
     if run_id:
         skip = logged_steps(client, run_id)
+        if parent_run_id:  # a run tracked on its own, now nested (a grid's cell)
+            client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
         log_params(client, run_id, config_params(cfg), client.get_run(run_id).data.params)
     else:
         tags = {**(info.get("source") or source_tags()), **run_tags(cfg, nested=parent_run_id is not None),
