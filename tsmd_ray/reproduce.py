@@ -10,7 +10,7 @@ A grid file (``configs/*.yaml``, see ``configs/README.md``) holds
       - {label: "5-way 1-shot", ways: 5, shots: 1}
     method_overrides: {fixed-teacher: {kd_loss: rkd}}          # optional, per method
     runner: tasks | inline                                     # optional, see below
-    mlflow: true | false           # optional: log the table to MLflow (default: base.mlflow)
+    mlflow: true | false           # optional: the grid as one MLflow run over its cells (default: base.mlflow)
 
 and expands to one :class:`~tsmd_ray.config.Config` per (setting, method) cell, trained in
 ``OUT/<setting>/<method>/`` by :func:`tsmd_ray.train.run` and meta-tested on ``test_episodes``
