@@ -103,6 +103,7 @@ def test_negated_flag_takes_no_value():
     ({"kd_views": 2, "kd_weight": 0.0}, r"kd_views needs .* kd_weight > 0, got kd_views=2, method='tsmd', "
                                         r"kd_weight=0.0"),
     ({"kd_views": 1.0}, "kd_views must be an integer, got 1.0"),
+    ({"kd_views": 17}, r"kd_views must be at most 16 \(each view .*\), got 17"),
     ({"gpus_per_worker": 1.0, "device": "cpu"}, "gpus_per_worker must be 0 with device=cpu, got 1.0"),
     ({"device": "gpu"}, "device='gpu' is not one of auto, cpu, cuda, cuda:N"),
     ({"iterations": "20"}, "iterations must be an integer, got '20'"),
@@ -145,3 +146,13 @@ def test_inert_keys_follow_the_method_and_kd_loss():
 def test_kd_views_go_with_every_method_that_distils():
     for changes in ({}, {"meta_algorithm": "reptile"}, {"method": "fixed-teacher", "teacher_init": "t.pt"}):
         assert Config(kd_views=2, **changes).kd_views == 2
+
+
+def test_null_paths_stand_for_their_environment_defaults(monkeypatch, tmp_path):
+    """A YAML ``data_root: null`` (as ``reproduce --expand`` writes without one) means $TSMD_DATA_ROOT."""
+    monkeypatch.setenv("TSMD_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("TSMD_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = Config.from_dict({"data_root": None, "cache_dir": None})
+    assert (cfg.data_root, cfg.cache_dir) == (str(tmp_path / "data"), str(tmp_path / "cache"))
+    with pytest.raises(RequestError, match="unknown configuration key"):
+        Config.from_dict({"data_rot": None})

@@ -189,6 +189,8 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
         data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        # a null path stands for its default ($TSMD_DATA_ROOT, $TSMD_CACHE_DIR), as an absent one does
+        data = {k: v for k, v in data.items() if v is not None or k not in ("data_root", "cache_dir")}
         unknown = sorted(set(data) - CONFIG_KEYS)
         if unknown:
             raise RequestError("config.unknown-key", f"unknown configuration key(s): {', '.join(unknown)}"
@@ -323,12 +325,18 @@ def _check_teacher(cfg: Config) -> None:
                            "never trained (its N-way head is random); use kd_loss rkd or method tsmd")
 
 
+MAX_KD_VIEWS = 16
+
+
 def _check_kd(cfg: Config) -> None:
     """Learning to teach sends the student's query loss to psi through L_KD: tsmd with KD only.
     KD views are labelled by the teacher for the student's L_KD: a method with both, and KD."""
     if cfg.learn_to_teach and (cfg.method != "tsmd" or not cfg.kd_weight):
         raise RequestError("config.learn-to-teach", f"learn_to_teach needs method=tsmd and kd_weight > 0, got "
                            f"method={cfg.method!r}, kd_weight={cfg.kd_weight}")
+    if cfg.kd_views > MAX_KD_VIEWS:
+        raise RequestError("config.kd-views", f"kd_views must be at most {MAX_KD_VIEWS} (each view is one more "
+                           f"support-sized batch through both models at every inner step), got {cfg.kd_views}")
     if cfg.kd_views and (cfg.method not in ("tsmd", "fixed-teacher") or not cfg.kd_weight):
         raise RequestError("config.kd-views", f"kd_views needs method tsmd or fixed-teacher and kd_weight > 0, got "
                            f"kd_views={cfg.kd_views}, method={cfg.method!r}, kd_weight={cfg.kd_weight}")

@@ -50,6 +50,15 @@ def test_views_depend_on_each_image_and_the_seed_alone(preprocess: dict) -> None
     assert not torch.equal(views[:6], views[6:12]) and not torch.equal(views[:6], x)
 
 
+@pytest.mark.parametrize("preprocess", [GRAY, RGB])
+def test_views_ignore_the_last_bits_of_a_float_pipeline(preprocess: dict) -> None:
+    x = normalise(_batch(preprocess["channels"]), preprocess)
+    nudged = torch.nextafter(x, torch.full_like(x, float("inf")))  # one ulp up: another machine's rounding
+    assert not torch.equal(nudged, x)
+    views = augmented_views(x, 2, 7, preprocess)
+    assert torch.allclose(augmented_views(nudged, 2, 7, preprocess), views, atol=1e-5)
+
+
 def test_normalise_uint8_and_float_agree() -> None:
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     expected = (x.float() / 255 - 0.5) / 0.25

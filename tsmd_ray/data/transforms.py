@@ -116,14 +116,16 @@ def augmented_views(x: torch.Tensor, count: int, seed: int, preprocess: Mapping[
     """
     mean = torch.as_tensor(preprocess["mean"], dtype=x.dtype).view(-1, 1, 1)
     std = torch.as_tensor(preprocess["std"], dtype=x.dtype).view(-1, 1, 1)
-    views = [augment((image * std + mean).clamp(0, 1).expand(count, -1, -1, -1), _image_generator(image, seed))
-             for image in x]
+    pixels = (x * std + mean).clamp(0, 1)
+    views = [augment(image.expand(count, -1, -1, -1), _image_generator(image, seed)) for image in pixels]
     return normalise(torch.stack(views, dim=1).flatten(0, 1), preprocess)
 
 
 def _image_generator(image: torch.Tensor, seed: int) -> torch.Generator:
-    """A generator seeded by ``seed`` and the bytes of ``image``."""
-    digest = hashlib.blake2b(image.numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
+    """A generator seeded by ``seed`` and ``image`` (pixels in [0, 1]) re-quantised to 8 bits, so that the
+    last bits of a float pipeline do not change an image's views."""
+    quantised = (image * 255).round().to(torch.uint8)
+    digest = hashlib.blake2b(quantised.numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
