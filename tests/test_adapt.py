@@ -327,7 +327,7 @@ def test_evaluation_equals_deployment_image_by_image(server_checkpoint, omniglot
     student that ``adapt`` exports and ``predict`` runs: evaluation measures the deployed model.
     With ``kd_views`` the student also distils the adapted teacher on augmented views of the
     support images, which evaluation and the client make alike."""
-    from tsmd_ray.data import ArrowFewShotDataset, EpisodeSampler
+    from tsmd_ray.data import ArrowFewShotDataset, EpisodeSampler, augmented_views
     from tsmd_ray.evaluate import evaluate_checkpoint
 
     episodes = 4
@@ -336,12 +336,17 @@ def test_evaluation_equals_deployment_image_by_image(server_checkpoint, omniglot
     per_episode = evaluated["results"]["student"]["per_episode"]
     cfg, _ = load_server_checkpoint(server_checkpoint)
     dataset = ArrowFewShotDataset(omniglot_dataset)
-    sampler = EpisodeSampler(dataset, "test", cfg.ways, cfg.shots, cfg.query, cfg.seed)
+    sampler = EpisodeSampler(dataset, "test", cfg.ways, cfg.shots, cfg.query, cfg.seed, views=kd_views)
     for task in range(episodes):
         episode = sampler.sample(task)
         root = tmp_path / f"episode{task}"
-        for i, (x, y) in enumerate(zip(episode.support_x, episode.support_y)):
-            _write_png(x, dataset.preprocess, root / "support" / f"class{int(y)}" / f"{i}.png")
+        support = [root / "support" / f"class{int(y)}" / f"{i}.png" for i, y in enumerate(episode.support_y)]
+        for x, path in zip(episode.support_x, support):
+            _write_png(x, dataset.preprocess, path)
+        if kd_views:  # the client's views of its PNG files are evaluation's views of the episode's images
+            client_views = augmented_views(load_images(support, dataset.preprocess), kd_views, cfg.seed,
+                                           dataset.preprocess)
+            torch.testing.assert_close(client_views, episode.support_views, rtol=0, atol=1e-5)
         files = [root / "query" / f"{i}.png" for i in range(len(episode.query_y))]
         for x, path in zip(episode.query_x, files):
             _write_png(x, dataset.preprocess, path)
