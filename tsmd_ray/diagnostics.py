@@ -28,7 +28,8 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .algorithms import Outputs, adapt_student, adapt_teacher, detached, kd_outputs, parameters_of, query_logits
+from .algorithms import (Outputs, adapt_student, adapt_teacher, detached, kd_outputs, parameters_of, query_logits,
+                         student_inner_terms)
 from .checkpoint import atomic_write, load_checkpoint
 from .config import Config
 from .data import ArrowFewShotDataset, EpisodeSampler
@@ -51,9 +52,9 @@ def _gradient_terms(worker: TaskWorker, theta: dict[str, torch.Tensor], x: torch
     """Norms of the CE and weighted KD gradients of Eq. 7 at ``theta``, and their cosine."""
     theta = {k: v.detach().requires_grad_() for k, v in theta.items()}
     with torch.enable_grad():
-        out = kd_outputs(worker.student, theta, x, views)
-        ce = _flat_grad(F.cross_entropy(out.logits[: y.shape[0]], y), theta, retain_graph=True)
-        kd = _flat_grad(worker.objective.settings.kd_weight * worker.objective.kd_loss(out, teacher), theta)
+        ce_loss, kd_loss = student_inner_terms(worker.student, theta, x, y, teacher, worker.objective.kd_loss, views)
+        ce = _flat_grad(ce_loss, theta, retain_graph=True)
+        kd = _flat_grad(worker.objective.settings.kd_weight * kd_loss, theta)
     return float(ce.norm()), float(kd.norm()), float(F.cosine_similarity(ce, kd, dim=0))
 
 

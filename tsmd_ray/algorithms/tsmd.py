@@ -49,15 +49,22 @@ def kd_outputs(model: nn.Module, params: Params, x: Tensor, views: Tensor | None
         return forward(model, params, torch.cat([x, views]))
 
 
+def student_inner_terms(student: nn.Module, theta: Params, x: Tensor, y: Tensor, teacher_kd: Outputs,
+                        kd_loss: KDLoss, views: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The two terms of Eq. 7's inner loss at ``theta``: L_S(theta; D_tr) and the unweighted L_KD, which
+    with ``views`` (beyond the paper) runs over D_tr and the views, whose targets ``teacher_kd`` holds too."""
+    out = kd_outputs(student, theta, x, views)
+    return F.cross_entropy(out.logits[: y.shape[0]], y), kd_loss(out, teacher_kd)
+
+
 def adapt_student(student: nn.Module, theta: Params, x: Tensor, y: Tensor, teacher_kd: Outputs | None,
                   kd_loss: KDLoss, s: InnerSettings, views: Tensor | None = None) -> Params:
-    # Eq. 7: theta'_i = theta - lam * grad_theta [L_S(theta; D_tr) + L_KD(psi'_i, theta; D_tr)]; with
-    # ``views`` (beyond the paper) L_KD runs over D_tr and the views, whose targets ``teacher_kd`` holds too
+    # Eq. 7: theta'_i = theta - lam * grad_theta [L_S(theta; D_tr) + L_KD(psi'_i, theta; D_tr)]
     def loss(p: Params) -> Tensor:
         if teacher_kd is None:
             return cross_entropy(student, p, x, y)
-        out = kd_outputs(student, p, x, views)
-        return F.cross_entropy(out.logits[: y.shape[0]], y) + s.kd_weight * kd_loss(out, teacher_kd)
+        ce, kd = student_inner_terms(student, p, x, y, teacher_kd, kd_loss, views)
+        return ce + s.kd_weight * kd
 
     return inner_loop(loss, theta, s.steps, s.lam, s.first_order_student, s.vectorized)
 
