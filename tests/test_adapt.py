@@ -233,8 +233,9 @@ def test_kd_views_change_the_adapted_student(untrained, small_support, tmp_path)
     students = {}
     for views in (0, 2, 2):
         out = tmp_path / f"views{views}-{len(students)}"
-        adapt(with_config(untrained, tmp_path / f"server{views}.pt", kd_views=views), small_support, out, steps=2,
-              device="cpu")
+        report = adapt(with_config(untrained, tmp_path / f"server{views}.pt", kd_views=views), small_support, out,
+                       steps=2, device="cpu")
+        assert report["kd_views"] == views
         students[out.name] = AdaptedModel.load(out).model.state_dict()
     zero, two, again = students.values()
     assert all(torch.equal(two[k], again[k]) for k in two)

@@ -5,7 +5,9 @@ adapts the teacher to the client's task (Eq. 6), then the student guided by the 
 (Eq. 7), and writes only the adapted student to --out: ``student.pt`` (state dict),
 ``student.pt2`` (``torch.export``, runs with torch alone), ``deploy.json`` (classes and
 preprocessing) and ``report.json`` (size and CPU latency of student against teacher).
-``--method student`` skips the teacher (plain MAML adaptation of the student).
+``--method student`` skips the teacher (plain MAML adaptation of the student). A checkpoint
+meta-trained with ``kd_views: K`` (beyond the paper) also distils on K augmented views of each
+support image, made from ``seed`` and the image alone as evaluation makes them.
 
 Classes are the sub-folders in sorted order. With n classes and an N-way checkpoint (n <= N),
 the first n rows of the N-way heads are used, i.e. class i takes the head's output i.
@@ -192,7 +194,7 @@ def adapt(checkpoint: str | Path, support: str | Path, out: str | Path, method: 
     example = x[:1].cpu()
     report: dict[str, Any] = {
         "classes": classes, "shots": {c: len(files[c]) for c in classes}, "method": method, "steps": steps,
-        "checkpoint": str(checkpoint), "server_method": cfg.method,
+        "checkpoint": str(checkpoint), "server_method": cfg.method, "kd_views": 0 if views is None else cfg.kd_views,
         "head_outputs_used": f"first {len(classes)} of {server_ways}", "batch_norm": BATCH_NORM_POLICY,
         "support_accuracy": support_acc,
         "student": _model_summary(deployed, cfg.student, cfg.student_widths, example),

@@ -85,8 +85,9 @@ class Config:
     rkd_angle_weight: float = _opt(50.0, "RKD angle term weight (Park et al.)")
     learn_to_teach: bool = _opt(False, "beyond the paper: the student's query loss also trains psi")
     kd_views: int = _opt(0, "beyond the paper: augmented views of each support image that the adapted teacher "
-                         "labels for the student's L_KD (Eq. 7), in training, evaluation and tsmd_ray.adapt "
-                         "(0: L_KD on the support images alone, as the paper)")
+                         "labels for the student's L_KD (Eq. 7), in training, evaluation and tsmd_ray.adapt; "
+                         "L_KD averages over the 1 + K rows of each image (0: the support images alone, as the "
+                         "paper; at most 16)")
     # outer loop (Eq. 10)
     beta: float = _opt(1e-5, "teacher outer learning rate (Adam, Eq. 10a) [paper: 1e-5]")
     eta: float = _opt(1e-3, "student outer learning rate (Adam, Eq. 10b) [paper: 1e-3]")
