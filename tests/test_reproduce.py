@@ -233,3 +233,28 @@ def test_the_grid_is_one_mlflow_run_with_every_cell_nested(mlflow_server, omnigl
     assert [r.info.run_id for r in client.search_runs([experiment], "tags.`tsmd.kind` = 'reproduce'")] \
         == [parent.info.run_id]
     assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == 2
+
+
+def test_table_only_records_cells_trained_elsewhere(mlflow_server, omniglot_dataset, tmp_path, monkeypatch):
+    """Cells trained without the grid's run (here: a grid without MLflow, one cell never finished) are
+    recorded by ``--table-only``: one grid run, the finished cells nested, nothing trained or deleted."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    grid = write_grid(tmp_path / "tiny.yaml", omniglot_dataset, experiment="reproduce-table-only")
+    out = tmp_path / "out"
+    reproduce(grid, out)  # mlflow: false
+    (out / "5-way-1-shot" / "tsmd" / "evaluation.json").unlink()  # unfinished
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
+    spec = yaml.safe_load(grid.read_text())
+    grid.write_text(yaml.safe_dump({**spec, "mlflow": True}))
+    assert main(["--grid", str(grid), "--out", str(out), "--table-only"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in files} == files  # (the upload adds its records beside them)
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert "mean" in table["student"]["5-way 1-shot"] and "mean" not in table["tsmd"].get("5-way 1-shot", {})
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("reproduce-table-only").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`tsmd.kind` = 'reproduce'")
+    (child,) = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert child.data.tags["tsmd.method"] == "student" and child.data.tags["tsmd.uploaded"] == "true"
+    assert parent.data.metrics["5-way-1-shot/student/acc"] == pytest.approx(table["student"]["5-way 1-shot"]["mean"])

@@ -34,7 +34,8 @@ with ``mlflow: true`` nest under it as they train; finished cells that were not 
 false``, trained elsewhere with ``train --config``, or while the store was away) are uploaded into
 it when the grid ends. The table goes in as metrics (``<setting>/<method>/acc``, ``.../ci95``,
 ``<setting>/<method>_minus_student/mean``) and files. ``--expand DIR`` only writes the cells'
-configs (one YAML per cell, for ``python -m tsmd_ray.train --config``).
+configs (one YAML per cell, for ``python -m tsmd_ray.train --config``); ``--table-only`` trains
+nothing and writes the table of the cells finished so far, recording them in the grid's run.
 """
 from __future__ import annotations
 
@@ -313,9 +314,10 @@ def write_table(grid: dict[str, Any], cells: Sequence[Cell], out: Path) -> dict[
 
 
 def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool = False,
-              methods: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the grid (skipping finished cells with ``resume``; only ``methods`` if given) and write the
-    table of every finished cell; returns its data."""
+              methods: Sequence[str] | None = None, table_only: bool = False) -> dict[str, Any]:
+    """Run the grid (skipping finished cells with ``resume``; only ``methods`` if given; no cell with
+    ``table_only``, which implies ``resume``) and write the table of every finished cell; returns its data."""
+    resume = resume or table_only
     grid = load_grid(grid_path)
     unknown = sorted(set(methods or ()) - set(grid["methods"]))
     if unknown:
@@ -324,7 +326,8 @@ def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool
     out = Path(out or Path("runs") / grid["name"])
     check_out_dir("--out", out)
     cells = expand(grid, out, resume)
-    todo = [c for c in cells if not (resume and finished(c)) and (not methods or c.method in methods)]
+    todo = [] if table_only else [c for c in cells if not (resume and finished(c))
+                                  and (not methods or c.method in methods)]
     check_cells(todo, grid.get("runner", "tasks"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
@@ -377,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="skip finished cells, resume unfinished ones")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help="train only these rows now (the table shows every finished cell)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: write the table of the finished cells and record them in the grid's "
+                             "MLflow run (cells trained elsewhere, e.g. with train --config on --expand's configs)")
     parser.add_argument("--expand", metavar="DIR", help="only write one train config per cell into DIR")
     return parser
 
@@ -386,7 +392,7 @@ def _main(args: argparse.Namespace) -> int:
         for path in write_configs(args.grid, args.expand, args.out):
             print(path)
         return 0
-    data = reproduce(args.grid, args.out, args.resume, args.methods)
+    data = reproduce(args.grid, args.out, args.resume, args.methods, args.table_only)
     print((Path(data["out"]) / "results.md").read_text())
     print(f"trained {len(data['trained'])} cell(s), skipped {data['skipped']} in {data['wall_s']} s; "
           f"table in {data['out']}/results.md and results.png")
