@@ -353,7 +353,8 @@ def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool
         raise
     data = write_table(grid, cells, out)
     data.update(trained=[c.name if grid.get("seeds") else f"{c.setting}/{c.method}" for c in todo], skipped=skipped,
-                wall_s=round(time.perf_counter() - started, 1), out=str(out))
+                wall_s=round(time.perf_counter() - started, 1), out=str(out),
+                finished=sum(finished(c) for c in cells), cells=len(cells))
     if parent:
         tracking.close_grid_run(parent, out, [c.out for c in cells], table_metrics(data))
     return data
@@ -394,8 +395,8 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     data = reproduce(args.grid, args.out, args.resume, args.methods, args.table_only)
     print((Path(data["out"]) / "results.md").read_text())
-    print(f"trained {len(data['trained'])} cell(s), skipped {data['skipped']} in {data['wall_s']} s; "
-          f"table in {data['out']}/results.md and results.png")
+    print(f"trained {len(data['trained'])} cell(s) in {data['wall_s']} s; {data['finished']} of {data['cells']} "
+          f"cells finished; table in {data['out']}/results.md and results.png")
     return 0
 
 
