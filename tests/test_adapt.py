@@ -228,13 +228,16 @@ def test_help_lists_every_option():
         assert option in text
 
 
-def test_kd_views_change_the_adapted_student(untrained, small_support, tmp_path):
-    """``kd_views`` in the checkpoint's config reaches the client's adaptation (and nothing else does)."""
+@pytest.mark.parametrize("method", ["tsmd", "student"])
+def test_kd_views_change_the_adapted_student(omniglot_dataset, small_support, tmp_path, method):
+    """``kd_views`` in the checkpoint's config reaches the client's adaptation (and nothing else does):
+    labelled by the adapted teacher (tsmd) or, for a student-only checkpoint, by the labels."""
+    server = write_untrained_checkpoint(tmp_path / "server.pt", omniglot_dataset, method=method)
     students = {}
     for views in (0, 2, 2):
         out = tmp_path / f"views{views}-{len(students)}"
-        report = adapt(with_config(untrained, tmp_path / f"server{views}.pt", kd_views=views), small_support, out,
-                       steps=2, device="cpu")
+        report = adapt(with_config(server, tmp_path / f"server{views}.pt", kd_views=views), small_support, out,
+                       method=method, steps=2, device="cpu")
         assert report["kd_views"] == views
         students[out.name] = AdaptedModel.load(out).model.state_dict()
     zero, two, again = students.values()

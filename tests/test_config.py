@@ -97,9 +97,10 @@ def test_negated_flag_takes_no_value():
     ({"learn_to_teach": True, "method": "fixed-teacher", "teacher_init": "t.pt"}, "learn_to_teach needs method=tsmd"),
     ({"learn_to_teach": True, "kd_weight": 0.0}, r"learn_to_teach needs method=tsmd and kd_weight > 0"),
     ({"kd_views": -1}, "kd_views must be zero or positive, got -1"),
-    ({"kd_views": 2, "method": "student"}, "kd_views needs method tsmd or fixed-teacher and kd_weight > 0, got "
-                                           "kd_views=2, method='student'"),
-    ({"kd_views": 2, "method": "oracle"}, "kd_views needs method tsmd or fixed-teacher .* method='oracle'"),
+    ({"kd_views": 2, "method": "oracle"}, r"kd_views needs a student \(tsmd, fixed-teacher, or student, whose views "
+                                          r"take the labels\) and kd_weight > 0, got kd_views=2, method='oracle'"),
+    ({"kd_views": 2, "method": "student", "kd_weight": 0.0}, "kd_views needs a student .* method='student', "
+                                                             "kd_weight=0.0"),
     ({"kd_views": 2, "kd_weight": 0.0}, r"kd_views needs .* kd_weight > 0, got kd_views=2, method='tsmd', "
                                         r"kd_weight=0.0"),
     ({"kd_views": 1.0}, "kd_views must be an integer, got 1.0"),
@@ -140,11 +141,14 @@ def test_inert_keys_follow_the_method_and_kd_loss():
     fixed = Config(method="fixed-teacher", teacher_init="t.pt").inert_keys
     assert {"alpha", "beta", "kd_temperature", "learn_to_teach"} <= fixed and "kd_weight" not in fixed
     assert Config(method="tsmd").inert_keys == {"rkd_distance_weight", "rkd_angle_weight"}
-    assert "kd_views" in Config(method="student").inert_keys
+    assert "kd_views" not in Config(method="student").inert_keys  # a student's views take the labels
+    assert "kd_weight" not in Config(method="student", kd_views=2).inert_keys
+    assert "kd_views" in Config(method="oracle").inert_keys
 
 
 def test_kd_views_go_with_every_method_that_distils():
-    for changes in ({}, {"meta_algorithm": "reptile"}, {"method": "fixed-teacher", "teacher_init": "t.pt"}):
+    for changes in ({}, {"meta_algorithm": "reptile"}, {"method": "fixed-teacher", "teacher_init": "t.pt"},
+                    {"method": "student"}):
         assert Config(kd_views=2, **changes).kd_views == 2
 
 

@@ -180,7 +180,7 @@ def adapt(checkpoint: str | Path, support: str | Path, out: str | Path, method: 
     log.info("adapting (%s, %d steps) on %d images of %d classes: %s", method, steps, len(y), len(classes),
              ", ".join(f"{c} ({len(files[c])})" for c in classes))
     views = None  # with kd_views, the views that evaluation gives the same images (seed and image alone)
-    if cfg.kd_views and method == "tsmd":
+    if cfg.kd_views and (method == "tsmd" or cfg.method == "student"):  # a student's views take the labels
         views = augmented_views(x, cfg.kd_views, cfg.seed, data["preprocess"])
     teacher, student, support_acc = adapt_models(teacher, student, cfg, x, y, steps, resolve_device(device),
                                                  adapt_teacher=method == "tsmd", views=views)

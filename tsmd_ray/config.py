@@ -85,7 +85,8 @@ class Config:
     rkd_angle_weight: float = _opt(50.0, "RKD angle term weight (Park et al.)")
     learn_to_teach: bool = _opt(False, "beyond the paper: the student's query loss also trains psi")
     kd_views: int = _opt(0, "beyond the paper: augmented views of each support image that the adapted teacher "
-                         "labels for the student's L_KD (Eq. 7), in training, evaluation and tsmd_ray.adapt; "
+                         "labels for the student's L_KD (Eq. 7), in training, evaluation and tsmd_ray.adapt (method "
+                         "student: the views take the labels, a control); "
                          "L_KD averages over the 1 + K rows of each image (0: the support images alone, as the "
                          "paper; at most 16)")
     # outer loop (Eq. 10)
@@ -163,8 +164,8 @@ class Config:
     def inert_keys(self) -> frozenset[str]:
         """Keys that change nothing with this method and KD loss (a sweep searching them is wasted)."""
         keys = set()
-        if not self.has_teacher:
-            keys |= TEACHER_KEYS | KD_KEYS
+        if not self.has_teacher:  # a student's kd_views take the labels, weighted by kd_weight
+            keys |= TEACHER_KEYS | KD_KEYS - ({"kd_views"} | ({"kd_weight"} if self.kd_views else set()))
         if not self.has_student:
             keys |= STUDENT_KEYS | KD_KEYS
         if not self.adapts_teacher:
@@ -338,8 +339,9 @@ def _check_kd(cfg: Config) -> None:
     if cfg.kd_views > MAX_KD_VIEWS:
         raise RequestError("config.kd-views", f"kd_views must be at most {MAX_KD_VIEWS} (each view is one more "
                            f"support-sized batch through both models at every inner step), got {cfg.kd_views}")
-    if cfg.kd_views and (cfg.method not in ("tsmd", "fixed-teacher") or not cfg.kd_weight):
-        raise RequestError("config.kd-views", f"kd_views needs method tsmd or fixed-teacher and kd_weight > 0, got "
+    if cfg.kd_views and (cfg.method == "oracle" or not cfg.kd_weight):
+        raise RequestError("config.kd-views", f"kd_views needs a student (tsmd, fixed-teacher, or student, whose "
+                           f"views take the labels) and kd_weight > 0, got "
                            f"kd_views={cfg.kd_views}, method={cfg.method!r}, kd_weight={cfg.kd_weight}")
 
 

@@ -79,7 +79,8 @@ def build_objective(cfg: Config, teacher: nn.Module | None, student: nn.Module |
                              adapt_teacher=cfg.adapts_teacher,
                              first_order_teacher=cfg.first_order_teacher,
                              first_order_student=cfg.first_order_student,
-                             kd_weight=cfg.kd_weight if cfg.method in ("tsmd", "fixed-teacher") else 0.0,
+                             kd_weight=cfg.kd_weight if cfg.method in ("tsmd", "fixed-teacher") or cfg.kd_views
+                             else 0.0,  # a student's views take the labels
                              learn_to_teach=cfg.learn_to_teach, query_statistics=cfg.batch_norm)
     kd_loss = make_kd_loss(cfg.resolved_kd_loss, temperature=cfg.kd_temperature,
                            distance_weight=cfg.rkd_distance_weight, angle_weight=cfg.rkd_angle_weight)

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tsmd_ray.algorithms import (InnerSettings, Outputs, adapt_teacher, forward, inner_loop, kd_outputs, make_kd_loss,
-                                 parameters_of, query_logits, run_task)
+from tsmd_ray.algorithms import (InnerSettings, Outputs, adapt_student, adapt_teacher, forward, inner_loop, kd_outputs,
+                                 make_kd_loss, parameters_of, query_logits, run_task)
 
-from .helpers import random_tasks, tiny_pair
+from .helpers import WAYS, random_tasks, tiny_pair
 
 
 def _adapted_logits(statistics: str, query_x: torch.Tensor) -> torch.Tensor:
@@ -92,3 +92,22 @@ def test_views_are_normalised_with_the_support_statistics():
             torch.testing.assert_close(ours[:rows], alone, rtol=1e-10, atol=1e-12)
         for ours, one in zip(both, kd_outputs(model, p, x, views[:1])):
             torch.testing.assert_close(ours[rows:rows + 1], one[rows:], rtol=1e-10, atol=1e-12)
+
+
+def test_a_students_views_take_the_labels_as_a_one_hot_teacher_would_give_them():
+    """Without a teacher (method student) the views are a control: L_KD is the cross-entropy of the
+    rows [support; views] against their images' labels, i.e. KL at T = 1 from a one-hot teacher."""
+    _, student = tiny_pair()
+    tasks = random_tasks(1, views=2)
+    x, y, qx, qy, views = (tasks.support_x[0], tasks.support_y[0], tasks.query_x[0], tasks.query_y[0],
+                           tasks.support_views[0])
+    s = InnerSettings(steps=2, alpha=0.3, lam=0.2, adapt_teacher=False, kd_weight=0.5)
+    kl = make_kd_loss("kl", temperature=1.0)
+    theta = parameters_of(student)
+    _, _, labelled = run_task(None, student, kl, s, {}, theta, x, y, qx, qy, views)
+    one_hot = Outputs(60.0 * F.one_hot(y.repeat(3), WAYS).to(x.dtype), torch.zeros(3 * len(y), 1))
+    expected = adapt_student(student, theta, x, y, one_hot, kl, s, views)
+    plain = adapt_student(student, theta, x, y, None, kl, s)
+    for name in theta:
+        torch.testing.assert_close(labelled[name], expected[name], rtol=1e-6, atol=1e-8)
+    assert any(not torch.allclose(labelled[n], plain[n]) for n in theta)  # the views do change theta'

@@ -49,19 +49,24 @@ def kd_outputs(model: nn.Module, params: Params, x: Tensor, views: Tensor | None
         return forward(model, params, torch.cat([x, views]))
 
 
-def student_inner_terms(student: nn.Module, theta: Params, x: Tensor, y: Tensor, teacher_kd: Outputs,
+def student_inner_terms(student: nn.Module, theta: Params, x: Tensor, y: Tensor, teacher_kd: Outputs | None,
                         kd_loss: KDLoss, views: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The two terms of Eq. 7's inner loss at ``theta``: L_S(theta; D_tr) and the unweighted L_KD, which
-    with ``views`` (beyond the paper) runs over D_tr and the views, whose targets ``teacher_kd`` holds too."""
+    with ``views`` (beyond the paper) runs over D_tr and the views, whose targets ``teacher_kd`` holds too.
+    Without a teacher the views take their images' labels (a control: what L_KD at T = 1 would be
+    against a one-hot teacher)."""
     out = kd_outputs(student, theta, x, views)
-    return F.cross_entropy(out.logits[: y.shape[0]], y), kd_loss(out, teacher_kd)
+    ce = F.cross_entropy(out.logits[: y.shape[0]], y)
+    if teacher_kd is None:
+        return ce, F.cross_entropy(out.logits, y.repeat(out.logits.shape[0] // y.shape[0]))
+    return ce, kd_loss(out, teacher_kd)
 
 
 def adapt_student(student: nn.Module, theta: Params, x: Tensor, y: Tensor, teacher_kd: Outputs | None,
                   kd_loss: KDLoss, s: InnerSettings, views: Tensor | None = None) -> Params:
     # Eq. 7: theta'_i = theta - lam * grad_theta [L_S(theta; D_tr) + L_KD(psi'_i, theta; D_tr)]
     def loss(p: Params) -> Tensor:
-        if teacher_kd is None:
+        if teacher_kd is None and (views is None or not s.kd_weight):
             return cross_entropy(student, p, x, y)
         ce, kd = student_inner_terms(student, p, x, y, teacher_kd, kd_loss, views)
         return ce + s.kd_weight * kd
@@ -91,7 +96,7 @@ def run_task(teacher: nn.Module | None, student: nn.Module | None, kd_loss: KDLo
     """Adapt teacher then student on the support set and score both on the query set (Eq. 8).
 
     ``support_views`` (beyond the paper): augmented views of the support images that the adapted
-    teacher labels for the student's L_KD (ignored without KD). Returns query metrics
+    teacher labels for the student's L_KD (ignored without KD); without a teacher, their labels. Returns query metrics
     (``teacher/loss``, ``teacher/acc``, ``student/loss``, ``student/acc`` for the models present;
     none for a fixed teacher, whose N-way head is never trained) and the adapted weights (psi'_i, theta'_i).
     """
