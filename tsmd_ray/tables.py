@@ -82,21 +82,31 @@ def paired_differences(episodes: dict[tuple[str, str], dict[int, dict[str, list[
     for method in (m for m in methods if m != BASELINE):
         for setting in settings:
             mine, base = episodes.get((method, setting), {}), episodes.get((BASELINE, setting), {})
-            per_seed = {}
-            for seed in sorted(set(mine) & set(base)):
-                a, b = mine[seed][ROW_MODEL[method]], base[seed][ROW_MODEL[BASELINE]]
-                if len(a) != len(b):
-                    raise ValueError(f"{method} and {BASELINE} ({setting}, seed {seed}) were tested on {len(a)} and "
-                                     f"{len(b)} episodes: paired differences need the same episodes")
-                per_seed[seed] = [x - y for x, y in zip(a, b)]
-            if per_seed:
-                means = [summarise(d)["mean"] for d in per_seed.values()]
-                paired.setdefault(method, {})[setting] = {
-                    "per_seed": {seed: summarise(d) for seed, d in per_seed.items()},
-                    "pooled": summarise([v for d in per_seed.values() for v in d]),
-                    "across_seeds": across_seeds(means),
-                    "seed_means": {"min": min(means), "max": max(means)}}
+            entry = pair_seeds({seed: e[ROW_MODEL[method]] for seed, e in mine.items()},
+                               {seed: e[ROW_MODEL[BASELINE]] for seed, e in base.items()},
+                               f"{method} and {BASELINE} ({setting}, seed {{seed}})")
+            if entry:
+                paired.setdefault(method, {})[setting] = entry
     return paired
+
+
+def pair_seeds(mine: dict[int, list[float]], base: dict[int, list[float]], what: str) -> dict[str, Any] | None:
+    """``mine - base`` episode by episode on every seed both have: per seed, pooled over the seeds'
+    episodes and across seeds (``what`` names the pair in errors, ``{seed}`` filled in); None if no seed is shared."""
+    per_seed = {}
+    for seed in sorted(set(mine) & set(base)):
+        a, b = mine[seed], base[seed]
+        if len(a) != len(b):
+            raise ValueError(f"{what.format(seed=seed)} were tested on {len(a)} and {len(b)} episodes: paired "
+                             "differences need the same episodes")
+        per_seed[seed] = [x - y for x, y in zip(a, b)]
+    if not per_seed:
+        return None
+    means = [summarise(d)["mean"] for d in per_seed.values()]
+    return {"per_seed": {seed: summarise(d) for seed, d in per_seed.items()},
+            "pooled": summarise([v for d in per_seed.values() for v in d]),
+            "across_seeds": across_seeds(means),
+            "seed_means": {"min": min(means), "max": max(means)}}
 
 
 # Student's t, 97.5% quantile, for 1-10 degrees of freedom; beyond, a Cornish-Fisher expansion
@@ -116,7 +126,7 @@ def across_seeds(means: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "ci95": t * sd / math.sqrt(n), "seeds": n}
 
 
-def _fmt(entry: dict[str, Any] | None, signed: bool = False) -> str:
+def fmt(entry: dict[str, Any] | None, signed: bool = False) -> str:
     if entry is None:
         return "—"
     if "failed" in entry:
@@ -129,7 +139,7 @@ def _scored(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {m: {s: e for s, e in row.items() if "failed" not in e} for m, row in table.items()}
 
 
-def _fewer_seeds(entry: dict[str, Any] | None, seeds: Sequence[int]) -> str:
+def fewer_seeds(entry: dict[str, Any] | None, seeds: Sequence[int]) -> str:
     """`` (seed 0)`` for a cell pooled over fewer finished seeds than the grid has; else nothing."""
     done = sorted(entry["seeds"]) if entry and "seeds" in entry else []
     if not done or len(done) >= len(seeds):
@@ -137,7 +147,7 @@ def _fewer_seeds(entry: dict[str, Any] | None, seeds: Sequence[int]) -> str:
     return f" (seed{'s' if len(done) > 1 else ''} {', '.join(map(str, done))})"
 
 
-def _row(name: str, cells: Sequence[str]) -> str:
+def md_row(name: str, cells: Sequence[str]) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -147,16 +157,16 @@ def markdown_table(data: dict[str, Any], title: str | None = None) -> str:
     best = {s: max((table[m][s]["mean"] for m in data["methods"] if s in table[m] and m != "oracle"), default=None)
             for s in settings}
     lines = [f"### {title}", ""] if title else []
-    lines += [_row("Method", settings), "|---|" + "---|" * len(settings)]
+    lines += [md_row("Method", settings), "|---|" + "---|" * len(settings)]
     for method in data["methods"]:
         cells = []
         for s in settings:
-            text = _fmt(every[method].get(s))
+            text = fmt(every[method].get(s))
             entry = table[method].get(s)
             if entry is not None and method != "oracle" and entry["mean"] == best[s]:
                 text = f"**{text}**"
-            cells.append(text + _fewer_seeds(entry, data.get("seeds") or []))
-        lines.append(_row(ROW_NAMES[method], cells))
+            cells.append(text + fewer_seeds(entry, data.get("seeds") or []))
+        lines.append(md_row(ROW_NAMES[method], cells))
     episodes = sorted({e["episodes"] for row in table.values() for e in row.values()})
     seeds = data.get("seeds") or []
     pooled = (f", pooled over {len(seeds)} training seeds ({', '.join(map(str, seeds))}) or over those a cell "
@@ -180,8 +190,8 @@ def _teacher_lines(data: dict[str, Any], table: dict[str, dict[str, Any]]) -> li
     if not rows:
         return []
     lines = ["", "Teachers inside the student runs (query accuracy of the adapted teacher):", "",
-             _row("Teacher of", data["settings"]), "|---|" + "---|" * len(data["settings"])]
-    return lines + [_row(ROW_NAMES[m], [_fmt(r.get(s)) for s in data["settings"]]) for m, r in rows.items()]
+             md_row("Teacher of", data["settings"]), "|---|" + "---|" * len(data["settings"])]
+    return lines + [md_row(ROW_NAMES[m], [fmt(r.get(s)) for s in data["settings"]]) for m, r in rows.items()]
 
 
 def _paired_lines(data: dict[str, Any]) -> list[str]:
@@ -193,18 +203,18 @@ def _paired_lines(data: dict[str, Any]) -> list[str]:
              "same seeded test episodes; per training seed, then pooled over the seeds' episodes, which counts "
              "test-episode error only; then across seeds: the mean of the per-seed differences with a 95% "
              "t-interval over seeds, which also counts what a new training seed changes):", "",
-             _row("Difference", settings), "|---|" + "---|" * len(settings)]
+             md_row("Difference", settings), "|---|" + "---|" * len(settings)]
     for method, by_setting in paired.items():
         name = f"{ROW_NAMES[method]} − {ROW_NAMES[BASELINE]}"
         seeds = sorted({seed for entry in by_setting.values() for seed in entry["per_seed"]})
         for seed in seeds:
-            lines.append(_row(f"{name}, seed {seed}", [_fmt(by_setting.get(s, {}).get("per_seed", {}).get(seed), True)
+            lines.append(md_row(f"{name}, seed {seed}", [fmt(by_setting.get(s, {}).get("per_seed", {}).get(seed), True)
                                                        for s in settings]))
         if len(seeds) > 1:
-            lines.append(_row(f"**{name}, pooled**", [_fmt(by_setting[s]["pooled"], True) if s in by_setting else "—"
+            lines.append(md_row(f"**{name}, pooled**", [fmt(by_setting[s]["pooled"], True) if s in by_setting else "—"
                                                        for s in settings]))
-            lines.append(_row(f"**{name}, across seeds**",
-                              [_fmt(by_setting[s]["across_seeds"], True) + f" (n={by_setting[s]['across_seeds']['seeds']})"
+            lines.append(md_row(f"**{name}, across seeds**",
+                              [fmt(by_setting[s]["across_seeds"], True) + f" (n={by_setting[s]['across_seeds']['seeds']})"
                                if s in by_setting and by_setting[s]["across_seeds"]["seeds"] > 1 else "—"
                                for s in settings]))
     return lines
