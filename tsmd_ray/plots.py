@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,11 @@ def plot_learning_curves(metrics: str | Path | Sequence[Mapping[str, Any]], out:
     if title:
         fig.suptitle(title)
     return save_figure(fig, out)
+
+
+def fit_title(fig: Any, title: str, fontsize: float = 12.0) -> str:
+    """``title`` wrapped to the figure's width, so a long one is not clipped at its edges."""
+    return textwrap.fill(title, width=max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize))))
 
 
 def save_figure(fig: Any, out: str | Path, dpi: int = 100) -> Path:

@@ -20,6 +20,7 @@ ROW_NAMES = {"student": "Student", "fixed-teacher": "Fixed teacher", "tsmd": "Ou
 ROW_MODEL = {"student": "student", "fixed-teacher": "student", "tsmd": "student", "oracle": "teacher"}
 FAILED = "failed.json"
 BASELINE = "student"
+SEED_STYLES = ("-", "--", ":", "-.")  # a method's seeds in the validation curves
 
 
 class CellLike(Protocol):
@@ -222,7 +223,7 @@ def _paired_lines(data: dict[str, Any]) -> list[str]:
 
 def plot_table(data: dict[str, Any], out: str | Path, title: str | None = None) -> Path:
     """Grouped bars: one group per setting, one bar per method, 95% CI as error bars."""
-    from .plots import plt, save_figure
+    from .plots import fit_title, plt, save_figure
 
     settings, methods, table = data["settings"], data["methods"], _scored(data["table"])
     colours = {"student": "#1f77b4", "fixed-teacher": "#2ca02c", "tsmd": "#d62728", "oracle": "#7f7f7f"}
@@ -246,14 +247,14 @@ def plot_table(data: dict[str, Any], out: str | Path, title: str | None = None) 
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(methods), fontsize=8, frameon=False)
     if title:
-        ax.set_title(title)
+        ax.set_title(fit_title(fig, title))
     return save_figure(fig, out, dpi=110)
 
 
 def plot_validation_curves(cells: Sequence[CellLike], out: str | Path, title: str | None = None) -> Path | None:
     """Meta-validation accuracy of each cell's row model against the iteration, one panel per setting,
     one line per method and seed (dots: the best validation, the weights early stopping tests)."""
-    from .plots import plt, read_metrics, save_figure, series
+    from .plots import fit_title, plt, read_metrics, save_figure, series
 
     colours = {"student": "#1f77b4", "fixed-teacher": "#2ca02c", "tsmd": "#d62728", "oracle": "#7f7f7f"}
     settings = list(dict.fromkeys(c.setting for c in cells))
@@ -269,7 +270,8 @@ def plot_validation_curves(cells: Sequence[CellLike], out: str | Path, title: st
             steps, values = curve
             best = max(range(len(values)), key=values.__getitem__)
             label = f"{ROW_NAMES[cell.method]} (seed {cell.seed})"
-            ax.plot(steps, [100 * v for v in values], color=colours[cell.method], alpha=0.8, lw=1.2, label=label)
+            ax.plot(steps, [100 * v for v in values], color=colours[cell.method], alpha=0.8, lw=1.2, label=label,
+                    linestyle=SEED_STYLES[cell.seed % len(SEED_STYLES)])
             ax.plot(steps[best], 100 * values[best], "o", color=colours[cell.method], ms=4)
         ax.set_title(setting)
         ax.set_xlabel("meta-iteration")
@@ -277,5 +279,5 @@ def plot_validation_curves(cells: Sequence[CellLike], out: str | Path, title: st
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(fit_title(fig, title))
     return save_figure(fig, out, dpi=100)
