@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+from tsmd_ray.algorithms import Outputs
 from tsmd_ray.config import Config
-from tsmd_ray.diagnostics import diagnose, format_diagnostics, main
+from tsmd_ray.diagnostics import soft_targets, diagnose, format_diagnostics, main
 from tsmd_ray.train import run
 
 
@@ -41,6 +44,8 @@ def test_kd_views_enter_the_kd_gradient_and_not_the_support_targets(tsmd_checkpo
     """The views use the support set's batch-norm statistics: the support rows (the teacher's soft
     targets, the student's CE) are as without views, up to float32 rounding."""
     plain, viewed = (diagnose(tsmd_checkpoint, "val", episodes=3, kd_views=views) for views in (0, 2))
+    assert "teacher_views_acc" not in plain["soft_targets"]
+    assert 0.0 <= viewed["soft_targets"]["teacher_views_acc"]["mean"] <= 1.0
     for name, summary in plain["soft_targets"].items():
         assert viewed["soft_targets"][name]["mean"] == pytest.approx(summary["mean"], rel=1e-4), name
     first = [run["steps"][0] for run in (plain, viewed)]
@@ -65,3 +70,16 @@ def test_a_student_only_checkpoint_is_refused(omniglot_dataset, tmp_path):
                data_root=str(omniglot_dataset), out=str(tmp_path), iterations=1, meta_batch=2, inner_steps=1,
                query=2, eval_every=0, test_episodes=2))
     assert main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--episodes", "2"]) == 2
+
+
+def test_the_views_targets_are_scored_against_their_images_labels():
+    """Views are view-major (row v * N + i is view v of support image i): a teacher that names each
+    view's image's label is 100% accurate on them, and one that names the image-major order is not."""
+    y = torch.tensor([0, 1, 2, 3, 4])
+    rows = torch.cat([y, y.repeat(3)])
+    right = soft_targets(Outputs(30.0 * F.one_hot(rows, 5).float(), torch.zeros(20, 1)), y, 1.0)
+    assert right["teacher_views_acc"] == 1.0 and right["views_off_target_mass"] < 1e-6
+    wrong = torch.cat([y, y.repeat_interleave(3)])
+    shifted = soft_targets(Outputs(30.0 * F.one_hot(wrong, 5).float(), torch.zeros(20, 1)), y, 4.0)
+    assert shifted["teacher_support_acc"] == 1.0 and shifted["teacher_views_acc"] == pytest.approx(3 / 15)
+    assert shifted["views_off_target_mass"] > shifted["off_target_mass"]

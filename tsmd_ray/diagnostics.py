@@ -8,7 +8,8 @@ Measured on seeded episodes of a TSMD (or fixed-teacher) checkpoint, with its ow
   support images and, with ``kd_views``, their views);
 - what KD can carry: the adapted teacher's temperature-softened support predictions, as the
   probability they leave off the true class (0 for a one-hot target: nothing beyond the labels)
-  and their entropy, beside the teacher's support accuracy;
+  and their entropy, beside the teacher's support accuracy; the same on the views, whose argmax
+  accuracy says how often the teacher mislabels them;
 - ``with_kd`` against ``without_kd``: the query accuracy of the same meta-trained student adapted
   with and without the KD term, and of the adapted teacher: what the guidance is worth at
   adaptation time, episode by episode.
@@ -58,12 +59,22 @@ def _gradient_terms(worker: TaskWorker, theta: dict[str, torch.Tensor], x: torch
     return float(ce.norm()), float(kd.norm()), float(F.cosine_similarity(ce, kd, dim=0))
 
 
-def _soft_targets(teacher: Outputs, y: torch.Tensor, temperature: float) -> dict[str, float]:
-    logits = teacher.logits[: y.shape[0]]  # the support rows (KD views follow them)
+def _target_terms(logits: torch.Tensor, y: torch.Tensor, temperature: float) -> tuple[float, float, float]:
     p = F.softmax(logits / temperature, dim=-1)
-    return {"off_target_mass": float(1 - p.gather(1, y[:, None]).mean()),
-            "entropy": float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()),
-            "teacher_support_acc": float((logits.argmax(-1) == y).float().mean())}
+    return (float(1 - p.gather(1, y[:, None]).mean()), float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()),
+            float((logits.argmax(-1) == y).float().mean()))
+
+
+def soft_targets(teacher: Outputs, y: torch.Tensor, temperature: float) -> dict[str, float]:
+    """On the support rows and, with KD views (which follow them, ``y`` repeated), on the views."""
+    n = y.shape[0]
+    mass, entropy, acc = _target_terms(teacher.logits[:n], y, temperature)
+    terms = {"off_target_mass": mass, "entropy": entropy, "teacher_support_acc": acc}
+    if teacher.logits.shape[0] > n:
+        views_y = y.repeat(teacher.logits.shape[0] // n - 1)
+        mass, entropy, acc = _target_terms(teacher.logits[n:], views_y, temperature)
+        terms |= {"views_off_target_mass": mass, "views_entropy": entropy, "teacher_views_acc": acc}
+    return terms
 
 
 @torch.no_grad()
@@ -92,7 +103,7 @@ def diagnose_episode(worker: TaskWorker, episode: Any) -> dict[str, Any]:
         logits = query_logits(worker.teacher, psi_task, sx, qx, s.query_statistics)
         accuracy["teacher"] = float((logits.argmax(-1) == qy).float().mean())
     temperature = worker.cfg.kd_temperature if worker.cfg.resolved_kd_loss == "kl" else 1.0
-    return {"steps": steps, "accuracy": accuracy, "soft_targets": _soft_targets(teacher, sy, temperature)}
+    return {"steps": steps, "accuracy": accuracy, "soft_targets": soft_targets(teacher, sy, temperature)}
 
 
 def diagnose(checkpoint: str, split: str = "val", episodes: int = 100, **overrides: Any) -> dict[str, Any]:
@@ -138,6 +149,9 @@ def format_diagnostics(result: dict[str, Any]) -> str:
     soft = result["soft_targets"]
     lines.append(f"teacher's soft support targets: {pct(soft['off_target_mass'])}% of the mass off the true class, "
                  f"entropy {soft['entropy']['mean']:.3f} nats, teacher support accuracy {pct(soft['teacher_support_acc'])}%")
+    if "teacher_views_acc" in soft:
+        lines.append(f"on the views: {pct(soft['views_off_target_mass'])}% of the mass off the true class, entropy "
+                     f"{soft['views_entropy']['mean']:.3f} nats, teacher accuracy {pct(soft['teacher_views_acc'])}%")
     lines += [f"query accuracy {name}: {pct(s)}%" for name, s in result["accuracy"].items()]
     return "\n".join(lines)
 
