@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tsmd_ray.algorithms import Outputs
 from tsmd_ray.config import Config
-from tsmd_ray.diagnostics import soft_targets, diagnose, format_diagnostics, main
+from tsmd_ray.diagnostics import diagnose, format_diagnostics, main, soft_targets
 from tsmd_ray.train import run
 
 

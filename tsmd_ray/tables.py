@@ -21,6 +21,7 @@ ROW_MODEL = {"student": "student", "fixed-teacher": "student", "tsmd": "student"
 FAILED = "failed.json"
 BASELINE = "student"
 SEED_STYLES = ("-", "--", ":", "-.")  # a method's seeds in the validation curves
+COLOURS = {"student": "#1f77b4", "fixed-teacher": "#2ca02c", "tsmd": "#d62728", "oracle": "#7f7f7f"}
 
 
 class CellLike(Protocol):
@@ -210,14 +211,14 @@ def _paired_lines(data: dict[str, Any]) -> list[str]:
         seeds = sorted({seed for entry in by_setting.values() for seed in entry["per_seed"]})
         for seed in seeds:
             lines.append(md_row(f"{name}, seed {seed}", [fmt(by_setting.get(s, {}).get("per_seed", {}).get(seed), True)
-                                                       for s in settings]))
+                                                         for s in settings]))
         if len(seeds) > 1:
             lines.append(md_row(f"**{name}, pooled**", [fmt(by_setting[s]["pooled"], True) if s in by_setting else "—"
-                                                       for s in settings]))
+                                                         for s in settings]))
             lines.append(md_row(f"**{name}, across seeds**",
-                              [fmt(by_setting[s]["across_seeds"], True) + f" (n={by_setting[s]['across_seeds']['seeds']})"
-                               if s in by_setting and by_setting[s]["across_seeds"]["seeds"] > 1 else "—"
-                               for s in settings]))
+                                [fmt(by_setting[s]["across_seeds"], True) + f" (n={by_setting[s]['across_seeds']['seeds']})"
+                                 if s in by_setting and by_setting[s]["across_seeds"]["seeds"] > 1 else "—"
+                                 for s in settings]))
     return lines
 
 
@@ -226,7 +227,6 @@ def plot_table(data: dict[str, Any], out: str | Path, title: str | None = None) 
     from .plots import fit_title, plt, save_figure
 
     settings, methods, table = data["settings"], data["methods"], _scored(data["table"])
-    colours = {"student": "#1f77b4", "fixed-teacher": "#2ca02c", "tsmd": "#d62728", "oracle": "#7f7f7f"}
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.55 * len(settings) * len(methods)), 4.8))
     for j, method in enumerate(methods):
@@ -236,7 +236,7 @@ def plot_table(data: dict[str, Any], out: str | Path, title: str | None = None) 
                 xs.append(i + (j - (len(methods) - 1) / 2) * width)
                 means.append(100 * table[method][s]["mean"])
                 cis.append(100 * table[method][s]["ci95"])
-        bars = ax.bar(xs, means, width, yerr=cis, capsize=3, label=ROW_NAMES[method], color=colours.get(method))
+        bars = ax.bar(xs, means, width, yerr=cis, capsize=3, label=ROW_NAMES[method], color=COLOURS.get(method))
         for bar, mean in zip(bars, means):
             ax.annotate(f"{mean:.1f}", (bar.get_x() + bar.get_width() / 2, mean), ha="center", va="bottom",
                         fontsize=7, xytext=(0, 3), textcoords="offset points")
@@ -256,7 +256,6 @@ def plot_validation_curves(cells: Sequence[CellLike], out: str | Path, title: st
     one line per method and seed (dots: the best validation, the weights early stopping tests)."""
     from .plots import fit_title, plt, read_metrics, save_figure, series
 
-    colours = {"student": "#1f77b4", "fixed-teacher": "#2ca02c", "tsmd": "#d62728", "oracle": "#7f7f7f"}
     settings = list(dict.fromkeys(c.setting for c in cells))
     curves = [(c, series(read_metrics(c.out / "metrics.jsonl")).get(f"val/{ROW_MODEL[c.method]}_acc"))
               for c in cells if (c.out / "metrics.jsonl").is_file()]
@@ -270,9 +269,9 @@ def plot_validation_curves(cells: Sequence[CellLike], out: str | Path, title: st
             steps, values = curve
             best = max(range(len(values)), key=values.__getitem__)
             label = f"{ROW_NAMES[cell.method]} (seed {cell.seed})"
-            ax.plot(steps, [100 * v for v in values], color=colours[cell.method], alpha=0.8, lw=1.2, label=label,
+            ax.plot(steps, [100 * v for v in values], color=COLOURS[cell.method], alpha=0.8, lw=1.2, label=label,
                     linestyle=SEED_STYLES[cell.seed % len(SEED_STYLES)])
-            ax.plot(steps[best], 100 * values[best], "o", color=colours[cell.method], ms=4)
+            ax.plot(steps[best], 100 * values[best], "o", color=COLOURS[cell.method], ms=4)
         ax.set_title(setting)
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel("meta-validation accuracy (%)")
