@@ -120,6 +120,11 @@ class EarlyStopping:
             self.best_state = copy.deepcopy(state)
         else:
             self.stale += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """``patience`` validations in a row have not beaten the best one."""
         return self.stale >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
@@ -211,6 +216,10 @@ class Trainer:
         if self.primary:
             self.out.mkdir(parents=True, exist_ok=True)
             self.cfg.to_yaml(self.out / "config.yaml")
+        if self.stopping is not None and self.stopping.stopped:  # resumed after early stopping had ended it
+            log.info("early stopping had ended this run: testing the weights of iteration %d, not training on",
+                     self.stopping.best_iteration + 1)
+            return self.test()
         bar = tqdm(range(self.start, self.cfg.iterations), desc=f"meta-train {self.cfg.method}",
                    initial=self.start, total=self.cfg.iterations, dynamic_ncols=True,
                    disable=not self.primary)
