@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tsmd_ray.reproduce import expand, finished, load_grid, main, reproduce, write_configs
-from tsmd_ray.tables import across_seeds, collect, markdown_table
+from tsmd_ray.tables import across_seeds, collect, curve_label, markdown_table, plot_validation_curves
 
 TINY_BASE = dict(dataset="omniglot", teacher="conv4", teacher_widths=[8, 8, 8, 8], student_widths=[4, 4, 4, 4],
                  iterations=2, meta_batch=2, inner_steps=1, query=2, eval_every=0, test_episodes=6, mlflow=False,
@@ -187,6 +187,20 @@ def test_the_across_seeds_interval_is_students_t(n, t):
     mean = sum(means) / n
     sd = (sum((m - mean) ** 2 for m in means) / (n - 1)) ** 0.5
     assert across_seeds(means)["ci95"] == pytest.approx(t * sd / n ** 0.5, rel=2e-3)
+
+
+def test_validation_curves_draw_unfinished_cells_as_such(tmp_path):
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text(yaml.safe_dump({"base": {}, "seeds": [0, 1], "methods": ["student"], "settings": [{"ways": 5}]}))
+    cells = expand(load_grid(grid_path), tmp_path / "out")
+    assert plot_validation_curves(cells, tmp_path / "none.png") is None  # nothing trained yet
+    for cell in cells:
+        cell.out.mkdir(parents=True)
+        (cell.out / "metrics.jsonl").write_text("".join(json.dumps({"step": 50 * k, "val/student_acc": 0.2 + 0.1 * k})
+                                                        + "\n" for k in (1, 2, 3)))
+    _write_evaluation(cells[0].out, {"student": [0.5] * 4})
+    assert [curve_label(c) for c in cells] == ["Student (seed 0)", "Student (seed 1, unfinished)"]
+    assert plot_validation_curves(cells, tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_pairing_refuses_different_episode_counts(tmp_path):

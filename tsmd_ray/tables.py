@@ -251,9 +251,16 @@ def plot_table(data: dict[str, Any], out: str | Path, title: str | None = None) 
     return save_figure(fig, out, dpi=110)
 
 
+def curve_label(cell: CellLike) -> str:
+    """A validation curve's legend entry: row name and seed; a cell without ``evaluation.json`` is unfinished."""
+    running = "" if (cell.out / "evaluation.json").is_file() else ", unfinished"
+    return f"{ROW_NAMES[cell.method]} (seed {cell.seed}{running})"
+
+
 def plot_validation_curves(cells: Sequence[CellLike], out: str | Path, title: str | None = None) -> Path | None:
     """Meta-validation accuracy of each cell's row model against the iteration, one panel per setting,
-    one line per method and seed (dots: the best validation, the weights early stopping tests)."""
+    one line per method and seed (dots: the best validation, the weights early stopping tests); cells
+    still training (no ``evaluation.json``) are drawn too, marked unfinished in the legend."""
     from .plots import fit_title, plt, read_metrics, save_figure, series
 
     settings = list(dict.fromkeys(c.setting for c in cells))
@@ -268,9 +275,8 @@ def plot_validation_curves(cells: Sequence[CellLike], out: str | Path, title: st
                 continue
             steps, values = curve
             best = max(range(len(values)), key=values.__getitem__)
-            label = f"{ROW_NAMES[cell.method]} (seed {cell.seed})"
-            ax.plot(steps, [100 * v for v in values], color=COLOURS[cell.method], alpha=0.8, lw=1.2, label=label,
-                    linestyle=SEED_STYLES[cell.seed % len(SEED_STYLES)])
+            ax.plot(steps, [100 * v for v in values], color=COLOURS[cell.method], alpha=0.8, lw=1.2,
+                    label=curve_label(cell), linestyle=SEED_STYLES[cell.seed % len(SEED_STYLES)])
             ax.plot(steps[best], 100 * values[best], "o", color=COLOURS[cell.method], ms=4)
         ax.set_title(setting)
         ax.set_xlabel("meta-iteration")
