@@ -143,8 +143,7 @@ def test_early_stopping_tests_the_best_validated_weights(tmp_path, omniglot_data
     # Resuming under a higher cap does not train a run that early stopping ended: same test, no new steps.
     stopped_at = load_checkpoint(tmp_path / "checkpoint.pt")["iteration"]
     trained = (tmp_path / "metrics.jsonl").read_text().count("train/student/loss")
-    resumed = run(tiny(tmp_path, omniglot_dataset, method="student", iterations=60, eval_every=2, val_episodes=8,
-                       patience=1, test_episodes=8, eta=0.5, checkpoint_every=100, resume=True))
+    resumed = run(cfg.replace(iterations=60, resume=True))
     assert resumed["tested_iteration"] == best_step
     assert resumed["results"]["student"]["per_episode"] == result["results"]["student"]["per_episode"]
     assert (tmp_path / "metrics.jsonl").read_text().count("train/student/loss") == trained == stopped_at + 1
