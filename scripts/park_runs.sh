@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Keep unfinished experiments (checkpoints included) across a machine that keeps only the repository:
-# store run folders, ignored files and all, as one commit under refs/parked/NAME. Not a branch, so a
-# clone leaves it out; a new save replaces the old one (git gc then drops the old files).
+# Keep unfinished experiments (checkpoints included) across machines that keep only the current
+# branch: copy run folders, ignored files and all, to parked/NAME/ (same paths below it) and commit
+# that folder on the current branch. A new save replaces NAME's files; git history keeps the old ones,
+# so park small things (checkpoints of small models, a teacher file), not datasets.
+# (A ref outside the branch, refs/parked/NAME, was tried first: a fresh clone of the branch lost it.)
 #
 #   scripts/park_runs.sh save NAME PATH...   # e.g. save claim runs/claim/grid runs/claim/teacher_conv4_64.pt
 #   scripts/park_runs.sh restore NAME        # writes the parked files back to their paths
-#   scripts/park_runs.sh list                # parked names, dates and sizes
+#   scripts/park_runs.sh list                # parked names, sizes and the commit that parked them
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 usage() { echo "usage: $0 save NAME PATH... | restore NAME | list" >&2; exit 2; }
@@ -15,24 +17,27 @@ case "${1:-}" in
     [[ $# -ge 3 ]] || usage
     name=$2; shift 2
     for path in "$@"; do [[ -e $path ]] || { echo "park_runs: $path: no such file or folder" >&2; exit 1; }; done
-    index=$(mktemp -u)
-    trap 'rm -f "$index"' EXIT
+    dest=parked/$name
+    rm -rf "$dest"
+    mkdir -p "$dest"
     # logs and Ray's own run folders are not needed to resume
-    find "$@" \( -name ray -o -name __pycache__ \) -prune -o -type f -print0 |
-      GIT_INDEX_FILE=$index git add --force --pathspec-from-file=- --pathspec-file-nul
-    tree=$(GIT_INDEX_FILE=$index git write-tree)
-    commit=$(git commit-tree "$tree" -m "parked runs: $* ($(date -u +%FT%TZ), at $(git rev-parse --short HEAD))")
-    git update-ref "refs/parked/$name" "$commit"
-    echo "parked $(git ls-tree -r --name-only "$commit" | wc -l) file(s) of $* as refs/parked/$name"
+    find "$@" \( -name ray -o -name __pycache__ -o -name logs \) -prune -o -type f -print0 |
+      xargs -0 -r cp --parents -p -t "$dest"
+    git add --force --all -- "$dest"
+    git commit -q -m "parked runs: $* ($(date -u +%FT%TZ))" -- "$dest"
+    echo "parked $(git ls-files -- "$dest" | wc -l) file(s) ($(du -sh "$dest" | cut -f1)) of $* in $dest, committed"
     ;;
   restore)
     [[ $# -eq 2 ]] || usage
-    git rev-parse -q --verify "refs/parked/$2" >/dev/null || { echo "park_runs: nothing parked as $2" >&2; exit 1; }
-    git archive "refs/parked/$2" | tar -x
-    echo "restored $(git ls-tree -r --name-only "refs/parked/$2" | wc -l) file(s) from refs/parked/$2"
+    [[ -d parked/$2 ]] || { echo "park_runs: nothing parked as $2 (no folder parked/$2)" >&2; exit 1; }
+    cp -a "parked/$2/." .
+    echo "restored $(find "parked/$2" -type f | wc -l) file(s) from parked/$2"
     ;;
   list)
-    git for-each-ref refs/parked --format='%(refname:short)  %(committerdate:iso)  %(contents:subject)'
+    for dir in parked/*/; do
+      [[ -d $dir ]] || continue
+      echo "$(basename "$dir")  $(du -sh "$dir" | cut -f1)  $(git log -1 --format='%h %ci' -- "$dir")"
+    done
     ;;
   *) usage ;;
 esac
