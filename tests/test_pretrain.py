@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -76,6 +77,14 @@ def test_weights_match_the_teacher_and_load_into_meta_training(pretrained, omnig
     assert psi.head.weight.shape == (5, 8)
     result = run(cfg)
     assert result["results"]["student"]["episodes"] == 4
+    # the run records which teacher file it started from; a resume keeps that, not the path's new bytes
+    sha = hashlib.sha256((tmp / "teacher.pt").read_bytes()).hexdigest()
+    assert result["teacher_init_sha256"] == sha
+    assert json.loads((tmp_path / "evaluation.json").read_text())["teacher_init_sha256"] == sha
+    moved = tmp_path / "teacher-copy.pt"
+    torch.save({k: v + 1 for k, v in state.items()}, moved)
+    resumed = run(cfg.replace(teacher_init=str(moved), iterations=3, resume=True))
+    assert resumed["teacher_init_sha256"] == sha != hashlib.sha256(moved.read_bytes()).hexdigest()
 
 
 def test_existing_run_needs_resume(pretrained, omniglot_dataset):

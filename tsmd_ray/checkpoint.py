@@ -1,6 +1,7 @@
 """Checkpoints: state dicts plus the config, written atomically, loaded with ``weights_only``."""
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -38,6 +39,12 @@ def atomic_write(path: str | Path, write: Any) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, hex (to record which teacher file a run started from)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

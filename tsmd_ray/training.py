@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, file_sha256, load_checkpoint, save_checkpoint
 from .config import RESUMABLE_KEYS, Config, changed_keys
 from .data import ArrowFewShotDataset
 from .engine import DataSpec, MetaLearner, TaskWorker, Weights
@@ -153,6 +153,8 @@ class Trainer:
         self.spec = spec
         self.start = 0
         self.last_checkpoint: int | None = None
+        # psi's starting point: the file's bytes, as results depend on them and the path can be re-written
+        self.teacher_init_sha256 = file_sha256(cfg.teacher_init) if cfg.teacher_init else None
         self.stopping = EarlyStopping(f"val/{'student' if cfg.has_student else 'teacher'}_acc", cfg.patience) \
             if cfg.patience else None
         if cfg.resume and (self.out / CHECKPOINT_NAME).is_file():
@@ -166,6 +168,11 @@ class Trainer:
                         "values", source, ", ".join(changed),
                         ", ".join(f"{k} {payload['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed[:3]))
         self.learner.load_state_dict(payload["learner"])
+        if "teacher_init_sha256" in payload:  # the file it started from, not today's
+            self.teacher_init_sha256 = payload["teacher_init_sha256"]
+        elif self.teacher_init_sha256:
+            log.warning("%s records no teacher_init file hash (an older checkpoint): recording today's file's",
+                        source)
         self.start = payload["iteration"] + 1
         self.last_checkpoint = payload["iteration"]
         if self.stopping is not None and payload.get("early_stopping"):
@@ -177,7 +184,8 @@ class Trainer:
                    "learner": learner if learner is not None else self.learner.state_dict(),
                    "data": {"in_channels": self.spec.in_channels, "image_size": self.spec.image_size,
                             "preprocess": self.data_meta.get("preprocess", {}),
-                            "dataset": self.data_meta.get("name", self.cfg.dataset)}}
+                            "dataset": self.data_meta.get("name", self.cfg.dataset)},
+                   "teacher_init_sha256": self.teacher_init_sha256}
         if self.stopping is not None and learner is None:
             payload["early_stopping"] = self.stopping.state_dict()
         return payload
@@ -260,7 +268,7 @@ class Trainer:
         result = {"method": self.cfg.method, "meta_algorithm": self.cfg.meta_algorithm,
                   "dataset": self.cfg.dataset, "ways": self.cfg.ways, "shots": self.cfg.shots,
                   "iterations": self.cfg.iterations, "tested_iteration": None if iteration is None else iteration + 1,
-                  "results": summary}
+                  "teacher_init_sha256": self.teacher_init_sha256, "results": summary}
         if self.primary:
             atomic_write(self.out / "evaluation.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
         self._report(self.cfg.iterations, {f"test/{m}_acc": s["mean"] for m, s in summary.items()}
