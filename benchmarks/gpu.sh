@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # What a session lent a GPU machine runs, without Ray (the device has torch, not this project's
 # Ray/MLflow stack). JSON and logs go to $OUT (default: the current directory); STEPS picks the
-# steps (default: all three, in this order):
+# steps (default: all four, in this order):
 #   check       the first meta-gradient of the GPU path (vmap) against the CPU loop, float64, with the
 #               gpu profile's models (benchmarks/gpu_check.py; a minute or two);
+#   precision   the same in float32 (TF32 off): the GPU path and the CPU loop each against the float64
+#               loop, at the profile's alpha = lam = 0.1 and at 0.01 (gpu_check.py --dtype float32; a
+#               few minutes: the float64 reference runs on the CPU);
 #   pipeline    the gpu profile end to end for a few iterations with --backend local: pre-train the
 #               ResNet-12 teacher on the GPU, meta-train on the vmap path, meta-test, the student alone
 #               (python -m tsmd_ray.pipeline; a few minutes). Needs the Omniglot zips: $TSMD_DATA_ROOT,
@@ -19,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$(mkdir -p "${OUT:-.}" && cd "${OUT:-.}" && pwd)"
 python="${PYTHON:-python3}"
-steps="${STEPS:-check pipeline throughput}"
+steps="${STEPS:-check precision pipeline throughput}"
 failed=()
 
 run_step() {  # run_step NAME COMMAND...: log to $out/NAME.log, remember failures, go on
@@ -59,17 +62,22 @@ pipeline() {
 missing=$(engine_imports)
 for step in $steps; do
   case $step in
-    check|pipeline)
+    check|precision|pipeline)
       if [ -n "$missing" ]; then echo "== $step: skipped, tsmd_ray.engine does not import: $missing" >&2
         failed+=("$step"); continue; fi ;;&
     check) run_step check "$python" benchmarks/gpu_check.py --json-out "$out/gpu_gradient_check.json" ;;
+    precision)
+      for rate in 0.1 0.01; do
+        run_step "precision_$rate" "$python" benchmarks/gpu_check.py --dtype float32 --alpha $rate --lam $rate \
+          --json-out "$out/gpu_float32_check_$rate.json"
+      done ;;
     pipeline) run_step pipeline pipeline ;;
     throughput)
       run_step throughput "$python" benchmarks/throughput.py --device cuda --configs a b --iterations 10 \
         --json-out "$out/gpu_throughput.json"
       run_step throughput_first_order "$python" benchmarks/throughput.py --device cuda --configs b \
         --iterations 10 --first-order-teacher --json-out "$out/gpu_throughput_b_first_order.json" ;;
-    *) echo "unknown step $step (check, pipeline, throughput)" >&2; exit 2 ;;
+    *) echo "unknown step $step (check, precision, pipeline, throughput)" >&2; exit 2 ;;
   esac
 done
 [ ${#failed[@]} -eq 0 ] || { echo "gpu.sh: failed: ${failed[*]}" >&2; exit 1; }
