@@ -142,10 +142,29 @@ def test_a_bad_cell_is_refused_before_the_grid_starts(omniglot_dataset, tmp_path
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
-def _write_evaluation(out, per_episode: dict) -> None:
+def _write_evaluation(out, per_episode: dict, teacher_sha: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {m: {"mean": sum(v) / len(v), "per_episode": v} for m, v in per_episode.items()}
-    (out / "evaluation.json").write_text(json.dumps({"results": results}))
+    (out / "evaluation.json").write_text(json.dumps({"results": results, "teacher_init_sha256": teacher_sha}))
+
+
+def test_the_table_names_the_teacher_file_and_flags_a_column_that_mixes_two(tmp_path):
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text(yaml.safe_dump({"base": {}, "methods": ["student", "tsmd", "oracle"],
+                                         "settings": [{"ways": 5, "shots": 1}, {"ways": 20, "shots": 1}]}))
+    cells = expand(load_grid(grid_path), tmp_path / "out")
+    old, new = "a" * 64, "b" * 64
+    for cell in cells:
+        sha = None if cell.method == "student" else new  # a student run records no teacher file
+        _write_evaluation(cell.out, {"student": [0.5] * 4, "teacher": [0.9] * 4}, sha)
+    text = markdown_table(collect(cells))
+    assert "Teacher file (sha256 of `teacher_init`): `bbbbbbbb…bbbbbb` in every cell" in text
+    oracle_20 = next(c for c in cells if c.method == "oracle" and c.setting == "20-way 1-shot")
+    _write_evaluation(oracle_20.out, {"teacher": [0.9] * 4}, old)
+    text = markdown_table(collect(cells))
+    assert ("**Different teacher files in 20-way 1-shot**: `bbbbbbbb…bbbbbb` (Ours seed 0); "
+            "`aaaaaaaa…aaaaaa` (Oracle seed 0).") in text
+    assert "in every cell" not in text and "Different teacher files in 5-way" not in text
 
 
 def test_seeds_are_pooled_and_methods_paired_episode_by_episode(tmp_path):

@@ -49,11 +49,17 @@ def collect(cells: Sequence[CellLike]) -> dict[str, Any]:
     episodes: dict[tuple[str, str], dict[int, dict[str, list[float]]]] = {}
     failures: dict[tuple[str, str], list[str]] = {}
     walls: dict[tuple[str, str], float] = {}
+    teacher_files: dict[str, dict[str, list[str]]] = {}  # setting -> teacher file sha256 -> cells
     for cell in cells:
         key = (cell.method, cell.setting)
         path = cell.out / "evaluation.json"
         if path.is_file():
-            results = json.loads(path.read_text())["results"]
+            evaluation = json.loads(path.read_text())
+            results = evaluation["results"]
+            if cell.method != "student":
+                sha = evaluation.get("teacher_init_sha256") or "unrecorded"
+                teacher_files.setdefault(cell.setting, {}).setdefault(sha, []).append(
+                    f"{ROW_NAMES[cell.method]} seed {cell.seed}")
             episodes.setdefault(key, {})[cell.seed] = {m: r["per_episode"] for m, r in results.items()}
             wall = cell.out / "wall.json"
             if wall.is_file():
@@ -74,7 +80,7 @@ def collect(cells: Sequence[CellLike]) -> dict[str, Any]:
     for (method, setting), errors in failures.items():
         table[method].setdefault(setting, {"failed": "; ".join(errors)})
     return {"settings": settings, "methods": methods, "seeds": seeds, "table": table,
-            "paired": paired_differences(episodes, methods, settings)}
+            "paired": paired_differences(episodes, methods, settings), "teacher_files": teacher_files}
 
 
 def paired_differences(episodes: dict[tuple[str, str], dict[int, dict[str, list[float]]]], methods: Sequence[str],
@@ -181,8 +187,27 @@ def markdown_table(data: dict[str, Any], title: str | None = None) -> str:
             error = entry.get("failed") or "; ".join(entry.get("partly_failed", []))
             if error:
                 lines.append(f"\n† {ROW_NAMES[method]}, {setting}: {error}")
-    lines += _teacher_lines(data, table) + _paired_lines(data)
+    lines += _teacher_file_lines(data) + _teacher_lines(data, table) + _paired_lines(data)
     return "\n".join(lines) + "\n"
+
+
+def _teacher_file_lines(data: dict[str, Any]) -> list[str]:
+    """Which pre-trained teacher file (``teacher_init``, by sha256) the teacher rows started from; a
+    column whose cells started from different files is flagged (its rows are not comparable)."""
+    files = data.get("teacher_files") or {}
+    shas = {sha for by_sha in files.values() for sha in by_sha}
+    if not shas or shas == {"unrecorded"}:
+        return []
+    short = lambda sha: sha if sha == "unrecorded" else f"`{sha[:8]}…{sha[-6:]}`"  # noqa: E731
+    if len(shas) == 1:
+        return ["", f"Teacher file (sha256 of `teacher_init`): {short(shas.pop())} in every cell with a teacher."]
+    lines = []
+    for setting, by_sha in files.items():
+        if len(by_sha) > 1:
+            lines.append(f"\n**Different teacher files in {setting}**: " + "; ".join(
+                f"{short(sha)} ({', '.join(names)})" for sha, names in by_sha.items()) + ".")
+    return lines or ["", "Teacher files (sha256 of `teacher_init`) by setting: " + "; ".join(
+        f"{setting}: {short(next(iter(by_sha)))}" for setting, by_sha in files.items()) + "."]
 
 
 def _teacher_lines(data: dict[str, Any], table: dict[str, dict[str, Any]]) -> list[str]:

@@ -154,7 +154,7 @@ class Trainer:
         self.start = 0
         self.last_checkpoint: int | None = None
         # psi's starting point: the file's bytes, as results depend on them and the path can be re-written
-        self.teacher_init_sha256 = file_sha256(cfg.teacher_init) if cfg.teacher_init else None
+        self.teacher_init_sha256 = file_sha256(cfg.teacher_init) if cfg.teacher_init and cfg.has_teacher else None
         self.stopping = EarlyStopping(f"val/{'student' if cfg.has_student else 'teacher'}_acc", cfg.patience) \
             if cfg.patience else None
         if cfg.resume and (self.out / CHECKPOINT_NAME).is_file():
