@@ -1,6 +1,6 @@
 """Where does float32 lose config b's teacher meta-gradient? One task, teacher only, f32 vs f64 per inner step."""
-import sys  # usage: python docs/benchmarks/float32-cpu-2026-12-04/inner_trajectory.py ALPHA
-from pathlib import Path
+import sys
+from pathlib import Path  # usage: python docs/benchmarks/float32-cpu-2026-12-04/inner_trajectory.py ALPHA [TASK] [--avgpool]
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
@@ -11,13 +11,23 @@ from tsmd_ray.algorithms.functional import cross_entropy
 from tsmd_ray.algorithms.tsmd import query_logits
 from tsmd_ray.models import use_fused_batchnorm
 torch.set_num_threads(1)
-alpha = float(sys.argv[1]) if len(sys.argv) > 1 else 0.1
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+alpha = float(args[0])
 spec = tp.CONFIGS["b"]
 dev = torch.device("cpu")
 teacher, _ = tp.build_models(spec, dev, torch.float32)
 use_fused_batchnorm(teacher, True)
+if "--avgpool" in sys.argv:
+    import types
+    import tsmd_ray.models.resnet12 as r
+    import torch.nn.functional as TF
+    shim = types.SimpleNamespace(**{k: getattr(TF, k) for k in dir(TF) if not k.startswith("__")})
+    shim.max_pool2d = lambda x, k, ceil_mode=False: TF.avg_pool2d(x, k, ceil_mode=ceil_mode)
+    r.F = shim
+    print("max-pool -> avg-pool")
 b = tp.synthetic_batches(spec, dev, torch.float32, count=1)[0]
-sx, sy, qx, qy = b.support_x[0], b.support_y[0], b.query_x[0], b.query_y[0]
+k = int(args[1]) if len(args) > 1 else 0
+sx, sy, qx, qy = b.support_x[k], b.support_y[k], b.query_x[k], b.query_y[k]
 runs = {}
 for dtype in (torch.float64, torch.float32):
     t = teacher.to(dtype)
