@@ -6,11 +6,14 @@
 # (A ref outside the branch, refs/parked/NAME, was tried first: a fresh clone of the branch lost it.)
 #
 #   scripts/park_runs.sh save NAME PATH...   # e.g. save claim runs/claim/grid runs/claim/teacher_conv4_64.pt
+#   scripts/park_runs.sh watch MINUTES NAME PATH...  # save every MINUTES until killed (a session
+#                                            # that is cut off keeps its last save)
 #   scripts/park_runs.sh restore NAME        # writes the parked files back to their paths
 #   scripts/park_runs.sh list                # parked names, sizes and the commit that parked them
 set -euo pipefail
+self=$(realpath "$0")
 cd "$(git rev-parse --show-toplevel)"
-usage() { echo "usage: $0 save NAME PATH... | restore NAME | list" >&2; exit 2; }
+usage() { echo "usage: $0 save NAME PATH... | watch MINUTES NAME PATH... | restore NAME | list" >&2; exit 2; }
 
 case "${1:-}" in
   save)
@@ -20,12 +23,20 @@ case "${1:-}" in
     dest=parked/$name
     rm -rf "$dest"
     mkdir -p "$dest"
-    # logs and Ray's own run folders are not needed to resume
-    find "$@" \( -name ray -o -name __pycache__ -o -name logs \) -prune -o -type f -print0 |
+    # logs and Ray's own run folders are not needed to resume; .NAME.* are atomic writes in flight
+    find "$@" \( -name ray -o -name __pycache__ -o -name logs -o -name '.*.*' \) -prune -o -type f -print0 |
       xargs -0 -r cp --parents -p -t "$dest"
     git add --force --all -- "$dest"
     git commit -q -m "parked runs: $* ($(date -u +%FT%TZ))" -- "$dest"
     echo "parked $(git ls-files -- "$dest" | wc -l) file(s) ($(du -sh "$dest" | cut -f1)) of $* in $dest, committed"
+    ;;
+  watch)
+    [[ $# -ge 4 && $2 =~ ^[0-9]+$ && $2 -gt 0 ]] || usage
+    minutes=$2; shift 2
+    while sleep "$((minutes * 60))"; do
+      # a commit of the user's (index.lock) makes one save fail; the next one tries again
+      "$self" save "$@" || echo "park_runs: save failed at $(date -u +%FT%TZ); retrying in $minutes min" >&2
+    done
     ;;
   restore)
     [[ $# -eq 2 ]] || usage
