@@ -7,7 +7,7 @@ A grid file (``configs/*.yaml``, see ``configs/README.md``) holds
     methods: [student, fixed-teacher, tsmd, oracle]           # table rows
     seeds: [0, 1, 2]               # optional: one training per seed, pooled; paired differences per seed
     settings:                                                  # table columns
-      - {label: "5-way 1-shot", ways: 5, shots: 1}
+      - {label: "5-way 1-shot", ways: 5, shots: 1}             # may hold its own method_overrides
     method_overrides: {fixed-teacher: {kd_loss: rkd}}          # optional, per method
     runner: tasks | inline                                     # optional, see below
     mlflow: true | false           # optional: the grid as one MLflow run over its cells (default: base.mlflow)
@@ -116,6 +116,11 @@ def load_grid(path: str | Path) -> dict[str, Any]:
         if not isinstance(grid.setdefault(key, {}) or {}, dict):
             raise _grid_error(path, key, "a mapping", grid[key])
     grid["base"], grid["method_overrides"] = grid["base"] or {}, grid["method_overrides"] or {}
+    for setting in settings:
+        overrides = setting.get("method_overrides", {})
+        if not (isinstance(overrides, dict) and all(isinstance(v, dict) for v in overrides.values())):
+            raise _grid_error(path, f"method_overrides of setting {setting_label(setting)!r}",
+                              "a mapping of methods to mappings", overrides)
     grid.setdefault("name", Path(path).stem)
     if grid.get("runner", "tasks") not in ("tasks", "inline"):
         raise _grid_error(path, "runner", "tasks or inline", grid["runner"])
@@ -131,15 +136,17 @@ def setting_label(setting: dict[str, Any]) -> str:
 def expand(grid: dict[str, Any], out: str | Path, resume: bool = False) -> list[Cell]:
     """The grid's cells, settings-major (the order of the table's columns, then rows, then seeds).
 
-    With ``seeds: [...]`` every (setting, method) is trained once per seed in ``.../seed<k>/``; a
-    method's ``seeds`` in ``method_overrides`` replaces the list for that method.
+    A cell's config is ``base``, then its setting, then its method's ``method_overrides`` (the grid's,
+    then the setting's own). With ``seeds: [...]`` every (setting, method) is trained once per seed in
+    ``.../seed<k>/``; a method's ``seeds`` in ``method_overrides`` replaces the list for that method.
     """
     cells = []
     for setting in grid["settings"]:
         label = setting_label(setting)
-        values = {k: v for k, v in setting.items() if k != "label"}
+        values = {k: v for k, v in setting.items() if k not in ("label", "method_overrides")}
         for method in grid["methods"]:
-            overrides = dict(grid["method_overrides"].get(method, {}))
+            overrides = {**grid["method_overrides"].get(method, {}),
+                         **setting.get("method_overrides", {}).get(method, {})}
             seeds = overrides.pop("seeds", grid.get("seeds"))
             for seed in seeds or [None]:
                 folder = Path(out) / slug(label) / method
