@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tsmd_ray.reproduce import expand, load_grid
+from tsmd_ray.grid import expand, load_grid
 from tsmd_ray.tables import collect, markdown_table, plot_table, plot_validation_curves
 
 RECORDS = ("evaluation.json", "config.yaml", "wall.json", "metrics.jsonl")

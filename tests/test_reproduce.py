@@ -7,7 +7,8 @@ import re
 import pytest
 import yaml
 
-from tsmd_ray.reproduce import expand, finished, load_grid, main, reproduce, write_configs
+from tsmd_ray.grid import expand, finished, load_grid
+from tsmd_ray.reproduce import main, reproduce
 from tsmd_ray.tables import across_seeds, collect, curve_label, markdown_table, plot_validation_curves
 
 TINY_BASE = dict(dataset="omniglot", teacher="conv4", teacher_widths=[8, 8, 8, 8], student_widths=[4, 4, 4, 4],
@@ -24,38 +25,7 @@ def write_grid(path, dataset, backend="local", methods=("student", "tsmd"), **ba
     return path
 
 
-def test_grid_expands_settings_by_methods(tmp_path):
-    grid_path = tmp_path / "g.yaml"
-    grid_path.write_text(yaml.safe_dump({"base": {"iterations": 3, "allow_random_teacher": True}, "settings": [
-        {"ways": 5, "shots": 1},
-        {"label": "20w5s", "ways": 20, "shots": 5, "method_overrides": {"fixed-teacher": {"kd_weight": 0.5}}}],
-        "method_overrides": {"fixed-teacher": {"kd_loss": "rkd", "kd_weight": 0.1}}}))
-    grid = load_grid(grid_path)
-    cells = expand(grid, tmp_path / "out")
-    assert [(c.setting, c.method) for c in cells][:5] == [
-        ("5-way 1-shot", "student"), ("5-way 1-shot", "fixed-teacher"), ("5-way 1-shot", "tsmd"),
-        ("5-way 1-shot", "oracle"), ("20w5s", "student")]
-    by = {(c.setting, c.method): c.cfg for c in cells}
-    assert by[("20w5s", "oracle")].ways == 20 and by[("20w5s", "oracle")].shots == 5
-    assert by[("5-way 1-shot", "fixed-teacher")].resolved_kd_loss == "rkd"
-    assert by[("5-way 1-shot", "fixed-teacher")].kd_weight == 0.1  # the grid's method overrides, then the setting's
-    assert by[("20w5s", "fixed-teacher")].kd_weight == 0.5 and by[("20w5s", "fixed-teacher")].resolved_kd_loss == "rkd"
-    assert by[("5-way 1-shot", "tsmd")].resolved_kd_loss == "kl"
-    assert len({c.cfg.out for c in cells}) == 8
-    assert len(write_configs(grid_path, tmp_path / "cfgs")) == 8
-
-
-def test_bad_grids_are_refused(tmp_path):
-    path = tmp_path / "g.yaml"
-    path.write_text(yaml.safe_dump({"settings": [{"ways": 5}], "methods": ["student", "nope"]}))
-    with pytest.raises(ValueError, match="nope"):
-        load_grid(path)
-    path.write_text(yaml.safe_dump({"settings": [{"ways": 5}], "base": {"itrations": 3}}))
-    with pytest.raises(ValueError, match="itrations"):
-        expand(load_grid(path), tmp_path)
-    path.write_text(yaml.safe_dump({"settings": [{"label": "s", "ways": 5, "method_overrides": {"tsmd": 3}}]}))
-    with pytest.raises(ValueError, match="method_overrides of setting 's'"):
-        load_grid(path)
+def test_a_missing_grid_file_is_a_clear_error(tmp_path):
     assert main(["--grid", str(tmp_path / "missing.yaml")]) == 2
 
 

@@ -1,0 +1,158 @@
+"""A grid file (``configs/*.yaml``) and its cells: one :class:`~tsmd_ray.config.Config` per (setting,
+method, seed), where it trains, and whether it has finished (format: ``configs/README.md``).
+``tsmd_ray.reproduce`` trains the cells; ``tsmd_ray.tables`` turns them into the table."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checkpoint import load_checkpoint
+from .config import METHODS, RESUMABLE_KEYS, Config, changed_keys, load_yaml
+from .errors import RequestError
+
+log = logging.getLogger("tsmd_ray.grid")
+
+
+@dataclass(frozen=True)
+class Cell:
+    setting: str
+    method: str
+    cfg: Config
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}/{self.method}/seed {self.seed}"
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+GRID_KEYS = ("name", "description", "base", "methods", "settings", "method_overrides", "runner", "notes", "mlflow",
+             "seeds")
+
+
+def _grid_error(path: str | Path, key: str, accepted: str, got: Any) -> RequestError:
+    return RequestError("grid", f"grid {path}: {key} must be {accepted}, got {got!r}")
+
+
+def load_grid(path: str | Path) -> dict[str, Any]:
+    """Read and check a grid file (the cells' configs are checked by :func:`expand`)."""
+    grid = load_yaml(path)
+    unknown = sorted(set(grid) - set(GRID_KEYS))
+    if unknown:
+        raise _grid_error(path, "every key", f"one of {', '.join(GRID_KEYS)}", unknown[0])
+    settings = grid.get("settings")
+    if not settings or not isinstance(settings, list) or not all(isinstance(s, dict) for s in settings):
+        raise _grid_error(path, "settings", "a non-empty list of mappings (table columns)", settings)
+    methods = grid.setdefault("methods", list(METHODS))
+    bad = [m for m in methods if m not in METHODS] if isinstance(methods, list) else [methods]
+    if bad:
+        raise _grid_error(path, "methods", f"a list of {', '.join(METHODS)}", bad[0])
+    seeds = grid.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and seeds and all(type(k) is int for k in seeds)):
+        raise _grid_error(path, "seeds", "a non-empty list of integers", seeds)
+    for key in ("base", "method_overrides"):
+        if not isinstance(grid.setdefault(key, {}) or {}, dict):
+            raise _grid_error(path, key, "a mapping", grid[key])
+    grid["base"], grid["method_overrides"] = grid["base"] or {}, grid["method_overrides"] or {}
+    for setting in settings:
+        overrides = setting.get("method_overrides", {})
+        if not (isinstance(overrides, dict) and all(isinstance(v, dict) for v in overrides.values())):
+            raise _grid_error(path, f"method_overrides of setting {setting_label(setting)!r}",
+                              "a mapping of methods to mappings", overrides)
+    grid.setdefault("name", Path(path).stem)
+    if grid.get("runner", "tasks") not in ("tasks", "inline"):
+        raise _grid_error(path, "runner", "tasks or inline", grid["runner"])
+    return grid
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    if "label" in setting:
+        return str(setting["label"])
+    return f"{setting.get('ways', 5)}-way {setting.get('shots', 1)}-shot"
+
+
+def expand(grid: dict[str, Any], out: str | Path, resume: bool = False) -> list[Cell]:
+    """The grid's cells, settings-major (the order of the table's columns, then rows, then seeds).
+
+    A cell's config is ``base``, then its setting, then its method's ``method_overrides`` (the grid's,
+    then the setting's own). With ``seeds: [...]`` every (setting, method) is trained once per seed in
+    ``.../seed<k>/``; a method's ``seeds`` in ``method_overrides`` replaces the list for that method.
+    """
+    cells = []
+    for setting in grid["settings"]:
+        label = setting_label(setting)
+        values = {k: v for k, v in setting.items() if k not in ("label", "method_overrides")}
+        for method in grid["methods"]:
+            overrides = {**grid["method_overrides"].get(method, {}),
+                         **setting.get("method_overrides", {}).get(method, {})}
+            seeds = overrides.pop("seeds", grid.get("seeds"))
+            for seed in seeds or [None]:
+                folder = Path(out) / slug(label) / method
+                data = {**grid["base"], **values, **overrides, "method": method,
+                        "out": str(folder / f"seed{seed}" if seed is not None else folder), "resume": resume}
+                if seed is not None:
+                    data["seed"] = seed
+                cells.append(Cell(label, method, _cell_config(grid, f"{label}/{method}/seed {seed}", data)))
+    return cells
+
+
+def _cell_config(grid: dict[str, Any], cell: str, data: dict[str, Any]) -> Config:
+    """A cell's Config; a refusal names the grid and the cell."""
+    try:
+        return Config.from_dict(data)
+    except RequestError as exc:
+        raise RequestError(exc.rule, f"grid {grid['name']!r}, cell {cell}: {exc}") from None
+
+
+def finished(cell: Cell) -> bool:
+    """The cell's ``evaluation.json`` exists and its ``config.yaml`` is the cell's config."""
+    evaluation, config = cell.out / "evaluation.json", cell.out / "config.yaml"
+    if not evaluation.is_file():
+        return False
+    try:
+        json.loads(evaluation.read_text())
+        saved = yaml.safe_load(config.read_text()) if config.is_file() else {}
+    except (json.JSONDecodeError, yaml.YAMLError):
+        return False
+    differ = changed_keys(saved, cell.cfg)
+    if differ:
+        log.warning("cell %s has results from another config (%s differ): training it again",
+                    cell.name, ", ".join(differ[:5]))
+        return False
+    return True
+
+
+def stale_checkpoint(cell: Cell) -> list[str]:
+    """The keys in which the cell's ``checkpoint.pt`` was trained otherwise than the grid asks (beyond
+    those a resumed run may change, such as ``patience``): such a checkpoint must not be resumed."""
+    path = cell.out / "checkpoint.pt"
+    return changed_keys(load_checkpoint(path)["config"], cell.cfg, RESUMABLE_KEYS) if path.is_file() else []
+
+
+def write_configs(grid_path: str | Path, folder: str | Path, out: str | Path | None = None) -> list[Path]:
+    """One ``python -m tsmd_ray.train --config`` YAML per cell of the grid."""
+    grid = load_grid(grid_path)
+    paths = []
+    for cell in expand(grid, out or Path("runs") / grid["name"]):
+        seed = f"-seed{cell.seed}" if grid.get("seeds") else ""
+        path = Path(folder) / f"{grid['name']}-{slug(cell.setting)}-{cell.method}{seed}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cell.cfg.to_yaml(path)
+        paths.append(path)
+    return paths
