@@ -141,9 +141,8 @@ def final_state_iteration(path: Path) -> int:
 
 def test_actor_that_cannot_open_the_dataset_fails_fast(ray_address: str, omniglot_dataset: Path,
                                                         tmp_path: Path) -> None:
-    """A path the actors cannot read (say, not on shared storage) is an error, not a hang."""
+    """A path the actors cannot read (say, not on shared storage) is an error, not a hang: the
+    constructor's error is raised, not the start-up deadline's ("did not start within")."""
     cfg = tiny_config(omniglot_dataset, tmp_path, "--workers", "1")
-    started = time.monotonic()
-    with pytest.raises(RuntimeError, match="failed to start.*storage every node sees"):
+    with pytest.raises(RuntimeError, match="(?s)failed to start.*storage every node sees.*not-there.*meta.json"):
         RayRunner(cfg, tmp_path / "not-there")
-    assert time.monotonic() - started < 60
