@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -267,3 +268,29 @@ def test_table_only_records_cells_trained_elsewhere(mlflow_server, omniglot_data
     (child,) = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert child.data.tags["tsmd.method"] == "student" and child.data.tags["tsmd.uploaded"] == "true"
     assert parent.data.metrics["5-way-1-shot/student/acc"] == pytest.approx(table["student"]["5-way 1-shot"]["mean"])
+
+
+def test_a_cell_that_cannot_be_uploaded_does_not_keep_the_others_out(mlflow_server, omniglot_dataset, tmp_path,
+                                                                     monkeypatch, caplog):
+    """``--table-only`` nests every cell it can; one it cannot (here an unreadable checkpoint) gets a
+    warning that names it, and the grid's run ends FAILED saying so."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    grid = write_grid(tmp_path / "tiny.yaml", omniglot_dataset, experiment="reproduce-upload-failure")
+    out = tmp_path / "out"
+    reproduce(grid, out)  # mlflow: false
+    broken = out / "5-way-1-shot" / "student"
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    grid.write_text(yaml.safe_dump({**yaml.safe_load(grid.read_text()), "mlflow": True}))
+    with caplog.at_level(logging.WARNING, logger="tsmd_ray.tracking"):
+        assert main(["--grid", str(grid), "--out", str(out), "--table-only"]) == 0
+    assert any(str(broken) in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("reproduce-upload-failure").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`tsmd.kind` = 'reproduce'")
+    assert parent.info.status == "FAILED"
+    nested = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted((r.data.tags["tsmd.method"], r.info.status) for r in nested) == [("student", "FAILED"),
+                                                                                   ("tsmd", "FINISHED")]
+    assert json.loads((broken / "mlflow.json").read_text())["status"] == "pending_upload"

@@ -176,6 +176,27 @@ def test_unreachable_server_keeps_results_and_uploads_later(mlflow_server, clien
     assert len(client.get_run(run.info.run_id).inputs.dataset_inputs) == 1
 
 
+def test_upload_of_a_resumed_run_keeps_the_last_value_of_a_repeated_step(mlflow_server, client, omniglot_dataset,
+                                                                       tmp_path, monkeypatch, as_train_command):
+    """A resumed run re-trains the iterations after its checkpoint and appends them to metrics.jsonl
+    again: the upload logs each step once, with its last value, and still logs the models (MLflow
+    links a run's metrics to its logged models, and refused the repeated steps there)."""
+    out = tmp_path / "resumed"
+    assert train_main(tiny_args(omniglot_dataset, out, "--no-mlflow")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    again = [{**r, "train/student/loss": r["train/student/loss"] + 10.0} for r in records
+             if "train/student/loss" in r and r["step"] > 2]
+    with (out / "metrics.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in again)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    run_id = tracking.upload_run(out)
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "train/student/loss")}
+    assert len(client.get_metric_history(run_id, "train/student/loss")) == len(history) == 4
+    assert {step: history[step] for step in (3, 4)} == {r["step"]: pytest.approx(r["train/student/loss"])
+                                                       for r in again}
+    check_student_model(client, run_id, client.get_run(run_id).info.experiment_id)
+
+
 def test_tracking_failure_mid_run_warns_once_and_stops_logging(tmp_path, caplog):
     class BrokenClient:
         calls = 0

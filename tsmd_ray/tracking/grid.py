@@ -45,19 +45,25 @@ def open_grid_run(name: str, experiment: str, out: Path, resume: bool) -> str | 
         return None
 
 
-def nest_cells(run_id: str, cells: Iterable[Path]) -> list[str]:
+def nest_cells(run_id: str, cells: Iterable[Path]) -> tuple[list[str], list[str]]:
     """Upload every finished cell (``evaluation.json``) not yet nested under ``run_id`` in this
-    store; returns the cells' folders it uploaded."""
+    store; returns the cells' folders it uploaded and those it could not (each with a warning: one
+    cell's failure does not keep the others out)."""
     uri = resolve_tracking_uri()
     client = connect(uri)
-    uploaded = []
+    uploaded, failed = [], []
     for out in cells:
         info = read_run_file(out)
         nested = info.get("parent_run_id") == run_id and info.get("status") == "logged"
         if (out / "evaluation.json").is_file() and not (nested and existing_run(client, info, uri)):
-            upload_run(out, tracking_uri=uri, parent_run_id=run_id)
-            uploaded.append(str(out))
-    return uploaded
+            try:
+                upload_run(out, tracking_uri=uri, parent_run_id=run_id)
+            except Exception as exc:
+                log.warning("cell %s is not in MLflow (%s)", out, short_error(exc))
+                failed.append(str(out))
+            else:
+                uploaded.append(str(out))
+    return uploaded, failed
 
 
 def close_grid_run(run_id: str, out: Path, cells: Iterable[Path], table: Mapping[str, float],
@@ -69,7 +75,9 @@ def close_grid_run(run_id: str, out: Path, cells: Iterable[Path], table: Mapping
     try:
         client = connect(uri)
         cells = list(cells)
-        nest_cells(run_id, cells)
+        _, failed = nest_cells(run_id, cells)
+        if failed and status == "FINISHED":
+            status, error = "FAILED", f"{len(failed)} cell(s) not uploaded, first {failed[0]}"
         step = sum((c / "evaluation.json").is_file() for c in cells)
         log_metrics(client, run_id, [(step, dict(table))])
         for name in ("results.md", "results.json", "results.png", "grid.yaml"):
@@ -77,7 +85,8 @@ def close_grid_run(run_id: str, out: Path, cells: Iterable[Path], table: Mapping
                 client.log_artifact(run_id, str(out / name))
         end_run(client, run_id, status, error)
         write_run_file(out, status="logged" if status == "FINISHED" else status.lower(), error=error)
-        log.info("grid table and %d cell run(s) in MLflow run %s at %s", step, run_id, uri)
+        log.info("grid table and %d cell run(s) in MLflow run %s at %s (%s)", step - len(failed), run_id, uri,
+                 status)
     except Exception as exc:
         with contextlib.suppress(Exception):
             if client is not None:

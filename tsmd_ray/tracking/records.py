@@ -53,14 +53,16 @@ def mlflow_step(name: str, step: int) -> int:
 def log_metrics(client: Any, run_id: str, records: Sequence[tuple[int, Mapping[str, Any]]],
                 skip: set[tuple[str, int]] | None = None) -> int:
     """Log ``(step, {name: value})`` records at :func:`mlflow_step`; ``(name, MLflow step)`` pairs
-    in ``skip`` are left out."""
+    in ``skip`` are left out. A step recorded twice (a resumed run re-trains the iterations after its
+    checkpoint) keeps its last value, as the curves do."""
     from mlflow.entities import Metric
 
+    latest = {(name, mlflow_step(name, step)): float(value)
+              for step, values in records for name, value in values.items()
+              if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
     now = int(time.time() * 1000)
-    metrics = [Metric(name, float(value), now, mlflow_step(name, step))
-               for step, values in records for name, value in values.items()
-               if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-               and (skip is None or (name, mlflow_step(name, step)) not in skip)]
+    metrics = [Metric(name, value, now, step) for (name, step), value in latest.items()
+               if skip is None or (name, step) not in skip]
     for start in range(0, len(metrics), _METRIC_BATCH):
         client.log_batch(run_id, metrics=metrics[start:start + _METRIC_BATCH])
     return len(metrics)

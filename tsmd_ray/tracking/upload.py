@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from .naming import run_name, run_tags, source_tags
 from .records import (config_params, existing_run, log_metrics, log_params, log_run_artifacts, logged_steps,
                       read_run_file, write_run_file)
 from .store import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, TrackingError, connect, ensure_experiment, log,
-                    resolve_tracking_uri, ui_link)
+                    resolve_tracking_uri, short_error, ui_link)
 
 
 def _run_status(out: Path) -> str:
@@ -55,16 +56,23 @@ def upload_run(out: str | Path, *, tracking_uri: str | None = None, experiment: 
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run_id = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
         log_params(client, run_id, config_params(cfg))
-    if info.get("dataset"):
-        client.log_inputs(run_id, datasets=[dataset_input(info["dataset"])])
-    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
-    count = log_metrics(client, run_id, [(int(r["step"]), r) for r in records], skip)
-    log_run_artifacts(client, run_id, out, title=run_name(cfg))
-    if log_models and (out / "checkpoint.pt").is_file():
-        log_models_from_checkpoint(run_id, out / "checkpoint.pt", uri)
+    where = dict(tracking_uri=uri, experiment=experiment, experiment_id=experiment_id, run_id=run_id,
+                 parent_run_id=parent_run_id)
+    try:
+        if info.get("dataset"):
+            client.log_inputs(run_id, datasets=[dataset_input(info["dataset"])])
+        records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+        count = log_metrics(client, run_id, [(int(r["step"]), r) for r in records], skip)
+        log_run_artifacts(client, run_id, out, title=run_name(cfg))
+        if log_models and (out / "checkpoint.pt").is_file():
+            log_models_from_checkpoint(run_id, out / "checkpoint.pt", uri)
+    except Exception as exc:  # the run stays FAILED in the store; the next upload completes it
+        write_run_file(out, **where, status="pending_upload", error=short_error(exc))
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status="FAILED")
+        raise
     client.set_terminated(run_id, status=_run_status(out))
-    write_run_file(out, tracking_uri=uri, experiment=experiment, experiment_id=experiment_id, run_id=run_id,
-                   parent_run_id=parent_run_id, status="logged", error=None)
+    write_run_file(out, **where, status="logged", error=None)
     log.info("uploaded %s as MLflow run %s (%d metric values) to %s", out, run_id, count, uri)
     return run_id
 
