@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Keep unfinished experiments (checkpoints included) across machines that keep only the current
-# branch: copy run folders, ignored files and all, to parked/NAME/ (same paths below it) and commit
-# that folder on the current branch. A new save replaces NAME's files; git history keeps the old ones,
-# so park small things (checkpoints of small models, a teacher file), not datasets.
+# Keep unfinished experiments across sessions: copy run folders, ignored files and all, to
+# parked/NAME/ (same paths below it) and commit that folder's records (configs, metrics, evaluations,
+# plots) on the current branch. Model, checkpoint and database files (BINARIES below) are copied but
+# never committed: they stay in parked/NAME on this machine, so `restore` on the same machine brings
+# back whole runs, and on a new machine the records only (an unfinished cell then resumes from 0,
+# and a teacher file is pre-trained again; check its sha256 against the recorded one).
 # (A ref outside the branch, refs/parked/NAME, was tried first: a fresh clone of the branch lost it.)
 #
 #   scripts/park_runs.sh save NAME PATH...   # e.g. save claim runs/claim/grid runs/claim/teacher_conv4_64.pt
@@ -13,6 +15,8 @@
 set -euo pipefail
 self=$(realpath "$0")
 cd "$(git rev-parse --show-toplevel)"
+BINARIES=(-name '*.pt' -o -name '*.pth' -o -name '*.ckpt' -o -name '*.safetensors' -o -name '*.db' -o -name '*.sqlite'
+          -o -name '*.arrow' -o -name '*.parquet' -o -name '*.npy' -o -name '*.npz' -o -name '*.pkl')
 usage() { echo "usage: $0 save NAME PATH... | watch MINUTES NAME PATH... | restore NAME | list" >&2; exit 2; }
 
 case "${1:-}" in
@@ -26,9 +30,15 @@ case "${1:-}" in
     # logs and Ray's own run folders are not needed to resume; .NAME.* are atomic writes in flight
     find "$@" \( -name ray -o -name __pycache__ -o -name logs -o -name '.*.*' \) -prune -o -type f -print0 |
       xargs -0 -r cp --parents -p -t "$dest"
-    git add --force --all -- "$dest"
-    git commit -q -m "parked runs: $* ($(date -u +%FT%TZ))" -- "$dest"
-    echo "parked $(git ls-files -- "$dest" | wc -l) file(s) ($(du -sh "$dest" | cut -f1)) of $* in $dest, committed"
+    if [[ -n $(git diff --cached --name-only -- . ":(exclude)$dest") ]]; then
+      echo "park_runs: other changes are staged; commit or unstage them first" >&2; exit 1
+    fi
+    # records only: runs/ is ignored (hence --force), binaries are never added
+    git rm -r -q --cached --ignore-unmatch -- "$dest"
+    find "$dest" -type f ! \( "${BINARIES[@]}" \) -print0 | xargs -0 -r git add --force --
+    git diff --cached --quiet -- "$dest" || git commit -q -m "parked runs: $* ($(date -u +%FT%TZ))"
+    echo "parked $(find "$dest" -type f | wc -l) file(s) ($(du -sh "$dest" | cut -f1)) of $* in $dest;" \
+         "committed $(git ls-files -- "$dest" | wc -l) record(s), binaries kept on this machine only"
     ;;
   watch)
     [[ $# -ge 4 && $2 =~ ^[0-9]+$ && $2 -gt 0 ]] || usage
