@@ -42,8 +42,8 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-GRID_KEYS = ("name", "description", "base", "methods", "settings", "method_overrides", "runner", "notes", "mlflow",
-             "seeds")
+GRID_KEYS = ("name", "description", "base_from", "base", "methods", "settings", "method_overrides", "runner", "notes",
+             "mlflow", "seeds")
 
 
 def _grid_error(path: str | Path, key: str, accepted: str, got: Any) -> RequestError:
@@ -53,6 +53,7 @@ def _grid_error(path: str | Path, key: str, accepted: str, got: Any) -> RequestE
 def load_grid(path: str | Path) -> dict[str, Any]:
     """Read and check a grid file (the cells' configs are checked by :func:`expand`)."""
     grid = load_yaml(path)
+    grid["base"] = _base(path, grid)
     unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
         raise _grid_error(path, "every key", f"one of {', '.join(GRID_KEYS)}", unknown[0])
@@ -66,10 +67,9 @@ def load_grid(path: str | Path) -> dict[str, Any]:
     seeds = grid.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and seeds and all(type(k) is int for k in seeds)):
         raise _grid_error(path, "seeds", "a non-empty list of integers", seeds)
-    for key in ("base", "method_overrides"):
-        if not isinstance(grid.setdefault(key, {}) or {}, dict):
-            raise _grid_error(path, key, "a mapping", grid[key])
-    grid["base"], grid["method_overrides"] = grid["base"] or {}, grid["method_overrides"] or {}
+    grid["method_overrides"] = grid.get("method_overrides") or {}
+    if not isinstance(grid["method_overrides"], dict):
+        raise _grid_error(path, "method_overrides", "a mapping", grid["method_overrides"])
     for setting in settings:
         overrides = setting.get("method_overrides", {})
         if not (isinstance(overrides, dict) and all(isinstance(v, dict) for v in overrides.values())):
@@ -79,6 +79,22 @@ def load_grid(path: str | Path) -> dict[str, Any]:
     if grid.get("runner", "tasks") not in ("tasks", "inline"):
         raise _grid_error(path, "runner", "tasks or inline", grid["runner"])
     return grid
+
+
+def _base(path: str | Path, grid: dict[str, Any], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The grid's ``base``: with ``base_from: other.yaml`` (beside this file), that grid's base with
+    this one's keys on top."""
+    base = grid.get("base") or {}
+    if not isinstance(base, dict):
+        raise _grid_error(path, "base", "a mapping", base)
+    if "base_from" not in grid:
+        return base
+    parent, seen = Path(path).parent / str(grid.pop("base_from")), (*seen, Path(path).resolve())
+    if parent.resolve() in seen:
+        raise _grid_error(path, "base_from", "a grid that does not lead back to this one", str(parent))
+    if not parent.is_file():
+        raise _grid_error(path, "base_from", "a grid file beside this one", str(parent))
+    return {**_base(parent, load_yaml(parent), seen), **base}
 
 
 def setting_label(setting: dict[str, Any]) -> str:
