@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -15,7 +14,7 @@ from tsmd_ray.config import Config
 from tsmd_ray.data import ArrowFewShotDataset
 from tsmd_ray.engine import DataSpec, build_models
 from tsmd_ray.models import build_model
-from tsmd_ray.pretrain import build_parser, cached_pretrain, epoch_shard, pretrain, pretrain_args, train_rows
+from tsmd_ray.pretrain import build_parser, cached_pretrain, pretrain, pretrain_args
 from tsmd_ray.train import run
 
 TINY_TEACHER = ["--teacher", "conv4", "--teacher-widths", "8", "8", "8", "8"]
@@ -31,23 +30,6 @@ def pretrained(ray_cluster, omniglot_dataset, tmp_path_factory):
         "--storage-path", str(tmp / "storage"), "--out", str(tmp / "teacher.pt"),
         "--fail-marker", str(tmp / "failed-once")])
     return tmp, pretrain(args)
-
-
-def test_epoch_shards_are_disjoint_and_equal():
-    shards = [epoch_shard(103, 3, 0, rank, 3, 8) for rank in range(3)]
-    assert len({len(s) for s in shards}) == 1  # every rank takes the same number of steps
-    rows = np.concatenate([b for s in shards for b in s])
-    assert len(rows) == len(set(rows.tolist()))
-    assert epoch_shard(103, 3, 0, 1, 3, 8)[0].tolist() == shards[1][0].tolist()  # seeded
-    assert epoch_shard(103, 4, 0, 1, 3, 8)[0].tolist() != shards[1][0].tolist()  # reshuffled per epoch
-
-
-def test_train_rows_cover_only_the_meta_training_classes(omniglot_dataset):
-    dataset = ArrowFewShotDataset(omniglot_dataset)
-    rows, targets, classes = train_rows(dataset)
-    assert classes == len(dataset.split_labels("train")) == 163
-    assert set(dataset.labels[rows].tolist()) == set(dataset.split_labels("train").tolist())
-    assert targets.min() == 0 and targets.max() == classes - 1
 
 
 def test_worker_failure_is_recovered_from_the_last_checkpoint(pretrained):
