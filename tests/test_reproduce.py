@@ -270,6 +270,34 @@ def test_table_only_records_cells_trained_elsewhere(mlflow_server, omniglot_data
     assert parent.data.metrics["5-way-1-shot/student/acc"] == pytest.approx(table["student"]["5-way 1-shot"]["mean"])
 
 
+def test_a_cell_copied_into_a_second_grid_stays_nested_in_the_first(mlflow_server, omniglot_dataset, tmp_path,
+                                                                     monkeypatch):
+    """Grids share finished cells by copying their folders (the claim grid's Student cells in its
+    variants): recording the second grid gives the copy a run of its own and leaves the first grid's."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    first = write_grid(tmp_path / "first.yaml", omniglot_dataset, methods=("student",),
+                       experiment="reproduce-shared-cell")
+    first.write_text(yaml.safe_dump({**yaml.safe_load(first.read_text()), "mlflow": True}))
+    reproduce(first, tmp_path / "first")
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump({**yaml.safe_load(first.read_text()), "name": "second"}))
+    shutil.copytree(tmp_path / "first" / "5-way-1-shot", tmp_path / "second" / "5-way-1-shot")
+    for grid, out in ((second, "second"), (first, "first")):  # the first grid again: nothing moves
+        assert main(["--grid", str(grid), "--out", str(tmp_path / out), "--table-only"]) == 0
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("reproduce-shared-cell").experiment_id
+    parents = client.search_runs([experiment], "tags.`tsmd.kind` = 'reproduce'")
+    children = {p.data.tags["mlflow.runName"]: client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{p.info.run_id}'") for p in parents}
+    assert sorted(children) == ["reproduce second", "reproduce tiny"]
+    assert [len(c) for c in children.values()] == [1, 1]
+    assert children["reproduce tiny"][0].info.run_id != children["reproduce second"][0].info.run_id
+
+
 def test_a_cell_that_cannot_be_uploaded_does_not_keep_the_others_out(mlflow_server, omniglot_dataset, tmp_path,
                                                                      monkeypatch, caplog):
     """``--table-only`` nests every cell it can; one it cannot (here an unreadable checkpoint) gets a

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .ending import end_run
 from .naming import source_tags
-from .records import existing_run, log_metrics, read_run_file, write_run_file
+from .records import existing_run, log_metrics, read_run_file, run_parent, write_run_file
 from .store import connect, ensure_experiment, log, resolve_tracking_uri, short_error
 from .upload import upload_run
 
@@ -54,8 +54,8 @@ def nest_cells(run_id: str, cells: Iterable[Path]) -> tuple[list[str], list[str]
     uploaded, failed = [], []
     for out in cells:
         info = read_run_file(out)
-        nested = info.get("parent_run_id") == run_id and info.get("status") == "logged"
-        if (out / "evaluation.json").is_file() and not (nested and existing_run(client, info, uri)):
+        existing = existing_run(client, info, uri) if info.get("status") == "logged" else None
+        if (out / "evaluation.json").is_file() and not (existing and run_parent(client, existing) == run_id):
             try:
                 upload_run(out, tracking_uri=uri, parent_run_id=run_id)
             except Exception as exc:

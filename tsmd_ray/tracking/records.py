@@ -103,6 +103,13 @@ def existing_run(client: Any, info: Mapping[str, Any], uri: str) -> str | None:
     return run_id if run.info.lifecycle_stage != "deleted" else None
 
 
+def run_parent(client: Any, run_id: str) -> str | None:
+    """The run id a run is nested under in the store (``None``: a top-level run)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    return client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID)
+
+
 def write_learning_curves(out: str | Path, title: str | None = None) -> Path | None:
     """Draw ``learning_curves.png`` from ``metrics.jsonl`` of ``out`` (``None`` without metrics)."""
     metrics = Path(out) / "metrics.jsonl"

@@ -12,7 +12,7 @@ from .datasets import dataset_input
 from .models import log_models_from_checkpoint
 from .naming import run_name, run_tags, source_tags
 from .records import (config_params, existing_run, log_metrics, log_params, log_run_artifacts, logged_steps,
-                      read_run_file, write_run_file)
+                      read_run_file, run_parent, write_run_file)
 from .store import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, TrackingError, connect, ensure_experiment, log,
                     resolve_tracking_uri, short_error, ui_link)
 
@@ -43,6 +43,8 @@ def upload_run(out: str | Path, *, tracking_uri: str | None = None, experiment: 
     experiment_id = ensure_experiment(client, experiment, uri)
     parent_run_id = parent_run_id or info.get("parent_run_id")
     run_id = existing_run(client, info, uri)
+    if run_id and parent_run_id and run_parent(client, run_id) not in (None, parent_run_id):
+        run_id = None  # a copy of a cell another grid has nested (shared Student cells): a run of its own
     skip: set[tuple[str, int]] = set()
     if run_id:
         skip = logged_steps(client, run_id)
