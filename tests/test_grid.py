@@ -41,15 +41,19 @@ def test_bad_grids_are_refused(tmp_path):
         load_grid(path)
 
 
-def test_base_from_takes_the_other_grids_base_under_this_ones(tmp_path):
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base": {"iterations": 3, "ways": 20, "query": 2},
-                                                     "settings": [{"ways": 5}]}))
+def test_base_from_takes_the_other_grids_base_and_method_overrides_under_this_ones(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({
+        "base": {"iterations": 3, "ways": 20, "query": 2}, "settings": [{"ways": 5}],
+        "method_overrides": {"tsmd": {"kd_weight": 0.3, "kd_temperature": 2.0}, "oracle": {"seeds": [0]}}}))
     (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base_from": "a.yaml", "base": {"query": 4},
-                                                     "settings": [{"shots": 1}], "methods": ["student"]}))
+                                                     "settings": [{"shots": 1}], "methods": ["student"],
+                                                     "method_overrides": {"tsmd": {"kd_weight": 0.5}}}))
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base_from": "b.yaml", "settings": [{"shots": 2}],
-                                                     "methods": ["student"]}))
-    (cell,) = expand(load_grid(tmp_path / "c.yaml"), tmp_path / "out")
-    assert (cell.cfg.iterations, cell.cfg.ways, cell.cfg.query, cell.cfg.shots) == (3, 20, 4, 2)
+                                                     "methods": ["student", "tsmd"]}))
+    student, tsmd = expand(load_grid(tmp_path / "c.yaml"), tmp_path / "out")
+    assert (student.cfg.iterations, student.cfg.ways, student.cfg.query, student.cfg.shots) == (3, 20, 4, 2)
+    assert (tsmd.cfg.kd_weight, tsmd.cfg.kd_temperature) == (0.5, 2.0)
+    assert student.cfg.kd_weight != 0.5
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base_from": "c.yaml", "settings": [{"ways": 5}]}))
     with pytest.raises(ValueError, match="base_from must be a grid that does not lead back"):
         load_grid(tmp_path / "c.yaml")

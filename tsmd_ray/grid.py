@@ -53,7 +53,7 @@ def _grid_error(path: str | Path, key: str, accepted: str, got: Any) -> RequestE
 def load_grid(path: str | Path) -> dict[str, Any]:
     """Read and check a grid file (the cells' configs are checked by :func:`expand`)."""
     grid = load_yaml(path)
-    grid["base"] = _base(path, grid)
+    grid["base"], grid["method_overrides"] = _inherited(path, grid)
     unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
         raise _grid_error(path, "every key", f"one of {', '.join(GRID_KEYS)}", unknown[0])
@@ -67,9 +67,6 @@ def load_grid(path: str | Path) -> dict[str, Any]:
     seeds = grid.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and seeds and all(type(k) is int for k in seeds)):
         raise _grid_error(path, "seeds", "a non-empty list of integers", seeds)
-    grid["method_overrides"] = grid.get("method_overrides") or {}
-    if not isinstance(grid["method_overrides"], dict):
-        raise _grid_error(path, "method_overrides", "a mapping", grid["method_overrides"])
     for setting in settings:
         overrides = setting.get("method_overrides", {})
         if not (isinstance(overrides, dict) and all(isinstance(v, dict) for v in overrides.values())):
@@ -81,20 +78,25 @@ def load_grid(path: str | Path) -> dict[str, Any]:
     return grid
 
 
-def _base(path: str | Path, grid: dict[str, Any], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The grid's ``base``: with ``base_from: other.yaml`` (beside this file), that grid's base with
-    this one's keys on top."""
-    base = grid.get("base") or {}
+def _inherited(path: str | Path, grid: dict[str, Any],
+               seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The grid's ``base`` and ``method_overrides``: with ``base_from: other.yaml`` (beside this file),
+    that grid's, with this one's keys on top (per method for ``method_overrides``)."""
+    base, overrides = grid.get("base") or {}, grid.get("method_overrides") or {}
     if not isinstance(base, dict):
         raise _grid_error(path, "base", "a mapping", base)
+    if not (isinstance(overrides, dict) and all(isinstance(v, dict) for v in overrides.values())):
+        raise _grid_error(path, "method_overrides", "a mapping of methods to mappings", overrides)
     if "base_from" not in grid:
-        return base
+        return base, overrides
     parent, seen = Path(path).parent / str(grid.pop("base_from")), (*seen, Path(path).resolve())
     if parent.resolve() in seen:
         raise _grid_error(path, "base_from", "a grid that does not lead back to this one", str(parent))
     if not parent.is_file():
         raise _grid_error(path, "base_from", "a grid file beside this one", str(parent))
-    return {**_base(parent, load_yaml(parent), seen), **base}
+    parent_base, parent_overrides = _inherited(parent, load_yaml(parent), seen)
+    methods = {**parent_overrides, **overrides}
+    return {**parent_base, **base}, {m: {**parent_overrides.get(m, {}), **overrides.get(m, {})} for m in methods}
 
 
 def setting_label(setting: dict[str, Any]) -> str:
