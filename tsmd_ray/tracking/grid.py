@@ -29,7 +29,8 @@ def open_grid_run(name: str, experiment: str, out: Path, resume: bool) -> str | 
     try:
         client = connect(uri)
         experiment_id = ensure_experiment(client, experiment, uri)
-        run_id = existing_run(client, read_run_file(out), uri) if resume else None
+        run = existing_run(client, read_run_file(out), uri) if resume else None
+        run_id = run.info.run_id if run else None
         if run_id:
             client.update_run(run_id, status="RUNNING")
         else:
@@ -55,7 +56,7 @@ def nest_cells(run_id: str, cells: Iterable[Path]) -> tuple[list[str], list[str]
     for out in cells:
         info = read_run_file(out)
         existing = existing_run(client, info, uri) if info.get("status") == "logged" else None
-        if (out / "evaluation.json").is_file() and not (existing and run_parent(client, existing) == run_id):
+        if (out / "evaluation.json").is_file() and not (existing and run_parent(existing) == run_id):
             try:
                 upload_run(out, tracking_uri=uri, parent_run_id=run_id)
             except Exception as exc:

@@ -91,8 +91,9 @@ def write_run_file(out: str | Path, **info: Any) -> None:
     atomic_write(Path(out) / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
-def existing_run(client: Any, info: Mapping[str, Any], uri: str) -> str | None:
-    """The run id recorded in a run file when it lives in this store and is not deleted."""
+def existing_run(client: Any, info: Mapping[str, Any], uri: str) -> Any | None:
+    """The run (``mlflow.entities.Run``) a run file names, when it lives in this store and is not
+    deleted."""
     run_id = info.get("run_id")
     if not run_id or info.get("tracking_uri") != uri:
         return None
@@ -100,14 +101,14 @@ def existing_run(client: Any, info: Mapping[str, Any], uri: str) -> str | None:
         run = client.get_run(run_id)
     except Exception:
         return None
-    return run_id if run.info.lifecycle_stage != "deleted" else None
+    return run if run.info.lifecycle_stage != "deleted" else None
 
 
-def run_parent(client: Any, run_id: str) -> str | None:
+def run_parent(run: Any) -> str | None:
     """The run id a run is nested under in the store (``None``: a top-level run)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    return client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID)
+    return run.data.tags.get(MLFLOW_PARENT_RUN_ID)
 
 
 def write_learning_curves(out: str | Path, title: str | None = None) -> Path | None:

@@ -163,9 +163,9 @@ class MlflowTracker:
         log the params. Returns whether the run was resumed."""
         resumed = existing_run(self.client, info, self.tracking_uri) if self.cfg.resume else None
         if resumed:
-            self.run_id = resumed
-            self.client.update_run(resumed, status="RUNNING")
-            log_params(self.client, resumed, config_params(self.cfg), self.client.get_run(resumed).data.params)
+            self.run_id = resumed.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            log_params(self.client, self.run_id, config_params(self.cfg), resumed.data.params)
         else:
             self.run_id = self._create_run()
             log_params(self.client, self.run_id, config_params(self.cfg))

@@ -42,15 +42,16 @@ def upload_run(out: str | Path, *, tracking_uri: str | None = None, experiment: 
     experiment = experiment or cfg.experiment
     experiment_id = ensure_experiment(client, experiment, uri)
     parent_run_id = parent_run_id or info.get("parent_run_id")
-    run_id = existing_run(client, info, uri)
-    if run_id and parent_run_id and run_parent(client, run_id) not in (None, parent_run_id):
-        run_id = None  # a copy of a cell another grid has nested (shared Student cells): a run of its own
+    run = existing_run(client, info, uri)
+    if run and parent_run_id and run_parent(run) not in (None, parent_run_id):
+        run = None  # a copy of a cell another grid has nested (shared Student cells): a run of its own
     skip: set[tuple[str, int]] = set()
-    if run_id:
+    if run:
+        run_id = run.info.run_id
         skip = logged_steps(client, run_id)
         if parent_run_id:  # a run tracked on its own, now nested (a grid's cell)
             client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
-        log_params(client, run_id, config_params(cfg), client.get_run(run_id).data.params)
+        log_params(client, run_id, config_params(cfg), run.data.params)
     else:
         tags = {**(info.get("source") or source_tags()), **run_tags(cfg, nested=parent_run_id is not None),
                 "tsmd.uploaded": "true", "tsmd.out": str(out)}
