@@ -81,7 +81,8 @@ def load_grid(path: str | Path) -> dict[str, Any]:
 def _inherited(path: str | Path, grid: dict[str, Any],
                seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The grid's ``base`` and ``method_overrides``: with ``base_from: other.yaml`` (beside this file),
-    that grid's, with this one's keys on top (per method for ``method_overrides``)."""
+    that grid's, with this one's keys on top (per method for ``method_overrides``). ``base_from`` is
+    taken out of ``grid``: the copy reproduce writes to ``OUT/grid.yaml`` then stands on its own."""
     base, overrides = grid.get("base") or {}, grid.get("method_overrides") or {}
     if not isinstance(base, dict):
         raise _grid_error(path, "base", "a mapping", base)
