@@ -50,10 +50,14 @@ def test_base_from_takes_the_other_grids_base_and_method_overrides_under_this_on
                                                      "method_overrides": {"tsmd": {"kd_weight": 0.5}}}))
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base_from": "b.yaml", "settings": [{"shots": 2}],
                                                      "methods": ["student", "tsmd"]}))
-    student, tsmd = expand(load_grid(tmp_path / "c.yaml"), tmp_path / "out")
+    grid = load_grid(tmp_path / "c.yaml")
+    student, tsmd = expand(grid, tmp_path / "out")
     assert (student.cfg.iterations, student.cfg.ways, student.cfg.query, student.cfg.shots) == (3, 20, 4, 2)
     assert (tsmd.cfg.kd_weight, tsmd.cfg.kd_temperature) == (0.5, 2.0)
     assert student.cfg.kd_weight != 0.5
+    (tmp_path / "copy").mkdir()  # reproduce's OUT/grid.yaml stands on its own, away from a.yaml and b.yaml
+    (tmp_path / "copy" / "grid.yaml").write_text(yaml.safe_dump(grid))
+    assert expand(load_grid(tmp_path / "copy" / "grid.yaml"), tmp_path / "out") == [student, tsmd]
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base_from": "c.yaml", "settings": [{"ways": 5}]}))
     with pytest.raises(ValueError, match="base_from must be a grid that does not lead back"):
         load_grid(tmp_path / "c.yaml")
