@@ -3,6 +3,7 @@
 A grid file (``configs/*.yaml``, see ``configs/README.md``) holds
 
     name: omniglot-cpu                 # table title and default output folder runs/<name>
+    base_from: other.yaml              # optional: that grid's base and method_overrides, this file's on top
     base: {Config keys shared by every cell}
     methods: [student, fixed-teacher, tsmd, oracle]           # table rows
     seeds: [0, 1, 2]               # optional: one training per seed, pooled; paired differences per seed
