@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TSMD_DATA_ROOT ?= $(wildcard $(abspath ../shared/data/omniglot))
 TSMD_OMNIGLOT ?= $(TSMD_DATA_ROOT)
 export TSMD_DATA_ROOT TSMD_OMNIGLOT
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25   # make test lists the slowest tests (the suite aims at < 15 min)
 
 .PHONY: setup train test bench clean
 setup:
