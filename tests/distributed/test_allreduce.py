@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -32,28 +33,51 @@ def train_workers() -> list[psutil.Process]:
     return found
 
 
-def test_allreduce_matches_driver_aggregation(reference: dict, omniglot_dataset: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """2 Ray Train workers, gloo all-reduce: every parameter and Adam moment bit-identical to the
-    driver's run (both add float64 per-task sums, see tsmd_ray/distributed/allreduce.py), the
-    same test scores, and the rank-0 worker's MLflow run holds the metrics."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cfg = tiny_config(omniglot_dataset, tmp_path / "run", *ALLREDUCE, "--mlflow", "true")
-    result = train.run(cfg)
-    assert_identical(final_state(tmp_path / "run"), reference["state"], "all-reduce vs driver")
-    assert result["results"] == reference["result"]["results"]
-    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [r["step"] for r in reference["metrics"]]  # rank 0 wrote once
-    assert list((tmp_path / "run" / "ray_train").glob("*/checkpoint_*/checkpoint.pt"))
+@pytest.fixture(scope="module")
+def interrupted(ray_address: str, omniglot_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One all-reduce run on 2 Ray Train workers, logging to MLflow, stopped twice: 4 iterations;
+    a ``--resume`` whose first iteration has a NaN loss (lam=1e38); a ``--resume`` to the end.
+    (One chain, not a run per test: each Ray Train run starts a new worker group, tens of seconds.)"""
+    root = tmp_path_factory.mktemp("allreduce")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = tiny_config(omniglot_dataset, root / "run", *ALLREDUCE, "--mlflow", "true")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        train.run(cfg.replace(iterations=4))
+        with pytest.raises(NonFiniteLossError) as nan:
+            train.run(cfg.replace(resume=True, lam=1e38))
+        kept = load_checkpoint(root / "run" / "checkpoint.pt")["iteration"]
+        result = train.run(cfg.replace(resume=True))
+    return {"cfg": cfg, "out": root / "run", "uri": uri, "nan": str(nan.value), "kept": kept, "result": result}
 
+
+def test_resumed_run_matches_driver_aggregation(interrupted: dict, reference: dict) -> None:
+    """Every parameter and Adam moment bit-identical to the driver's uninterrupted run (both add
+    float64 per-task sums, see tsmd_ray/distributed/allreduce.py), the same test scores; rank 0
+    wrote each iteration once (the NaN run none), and Ray Train kept its checkpoint."""
+    out = interrupted["out"]
+    assert_identical(final_state(out), reference["state"], "interrupted all-reduce vs driver")
+    assert interrupted["result"]["results"] == reference["result"]["results"]
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/student/loss" in r]
+    assert steps == list(range(1, 9))  # iterations 1-4, then 5-8 after the resumes
+    assert list((out / "ray_train").glob("*/checkpoint_*/checkpoint.pt"))
+
+
+def test_nan_loss_stops_at_once_and_keeps_the_last_checkpoint(interrupted: dict) -> None:
+    """A NaN loss is deterministic: the workers end the run and the driver raises their error (after
+    worker-group restarts it would be a RuntimeError from Ray Train's TrainingFailedError)."""
+    assert re.search(r"non-finite .* at iteration 4.*iteration 3\) is kept", interrupted["nan"]), interrupted["nan"]
+    assert interrupted["kept"] == 3
+
+
+def test_rank_0_logs_one_mlflow_run_through_the_resumes(interrupted: dict) -> None:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    client = MlflowClient(interrupted["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name(interrupted["cfg"].experiment).experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["aggregation"] == "allreduce"
     history = client.get_metric_history(run.info.run_id, "train/student/loss")
-    assert [m.step for m in history] == list(range(1, cfg.iterations + 1))
+    assert [m.step for m in history] == list(range(1, interrupted["cfg"].iterations + 1))
 
 
 def test_killed_worker_restarts_the_group_from_its_checkpoint(reference: dict, omniglot_dataset: Path,
@@ -85,28 +109,6 @@ def test_killed_worker_restarts_the_group_from_its_checkpoint(reference: dict, o
     assert set(steps) == set(range(1, cfg.iterations + 1))  # iterations after the checkpoint ran again
     assert_identical(final_state(tmp_path), reference["state"], "killed worker vs unfaulted")
     assert result["results"] == reference["result"]["results"]
-
-
-def test_resume_continues_from_the_checkpoint_in_out(reference: dict, omniglot_dataset: Path, tmp_path: Path) -> None:
-    """``--resume`` (a new driver after the old one died) continues from ``OUT/checkpoint.pt``:
-    4 iterations, then a resumed run to 8, ends where the uninterrupted run ends."""
-    train.run(tiny_config(omniglot_dataset, tmp_path, *ALLREDUCE, "--iterations", "4"))
-    result = train.run(tiny_config(omniglot_dataset, tmp_path, *ALLREDUCE, "--resume", "true"))
-    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/student/loss" in r]
-    assert steps == list(range(1, 9))  # iterations 1-4, then 5-8 after the resume
-    assert_identical(final_state(tmp_path), reference["state"], "resumed vs uninterrupted")
-    assert result["results"] == reference["result"]["results"]
-
-
-def test_nan_loss_stops_at_once_and_keeps_the_last_checkpoint(omniglot_dataset: Path, tmp_path: Path,
-                                                               ray_address: str) -> None:
-    """A NaN loss is deterministic: the workers end the run and the driver raises their error (after
-    worker-group restarts it would be a RuntimeError from Ray Train's TrainingFailedError)."""
-    cfg = tiny_config(omniglot_dataset, tmp_path, *ALLREDUCE, "--checkpoint-every", "1")
-    train.run(cfg.replace(iterations=2))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite .* at iteration 2.*iteration 1\) is kept"):
-        train.run(cfg.replace(resume=True, lam=1e38))
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 1
 
 
 def test_tune_and_local_backend_refuse_allreduce(omniglot_dataset: Path, tmp_path: Path) -> None:
