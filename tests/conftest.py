@@ -35,13 +35,23 @@ def omniglot_dataset(omniglot_source: Path, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray instance (2 CPUs) for one test module."""
+    """The session's local Ray instance (2 CPUs): the first module that asks starts it, the modules
+    after it share it (a Ray start costs 10-20 s), and it stops at the end of the session. Modules
+    that need a cluster of their own (tests/distributed) stop it first; the next module restarts it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False,
+                 log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_ray_at_the_end():
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 # ---------------------------------------------------------------------- one tracking server per session

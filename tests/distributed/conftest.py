@@ -109,10 +109,19 @@ def fault_during(runner: Any, iteration: int, meta_batch: int, fault: Callable[[
 
 
 # ---------------------------------------------------------------------- one Ray instance per module
+def stop_shared_ray() -> None:
+    """Stop the instance that tests/conftest.py's ``ray_cluster`` shares, if one is running here."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def ray_address() -> str:
     import ray
 
+    stop_shared_ray()
     with restored_env():
         # address="local": always a fresh instance, never a `ray start` cluster someone left running
         context = ray.init(address="local", num_cpus=2, include_dashboard=False)

@@ -23,7 +23,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from tsmd_ray.distributed import RayRunner  # noqa: E402
 
-from .conftest import assert_identical, fault_during, final_state, fit, restored_env, tiny_config  # noqa: E402
+from .conftest import (assert_identical, fault_during, final_state, fit, restored_env,  # noqa: E402
+                       stop_shared_ray, tiny_config)
 
 
 @ray.remote(num_cpus=1)
@@ -34,6 +35,7 @@ class Placeholder:
 
 @pytest.fixture(scope="module")
 def cluster():
+    stop_shared_ray()
     with restored_env():
         # Token authentication, as ray.init() sets it up for a local cluster (environment, token
         # file if missing, Ray's cached config). Left as the environment had it, a process that
