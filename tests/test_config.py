@@ -1,25 +1,10 @@
-"""The one Config: YAML, command line, validation."""
-import argparse
+"""The one Config: YAML, validation, defaults."""
 from dataclasses import fields
 
 import pytest
 
-from tsmd_ray.config import Config, add_config_arguments, config_from_args
+from tsmd_ray.config import Config
 from tsmd_ray.errors import RequestError
-
-
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
-
-
-def test_flags_override_yaml_which_overrides_defaults(tmp_path):
-    path = tmp_path / "c.yaml"
-    Config(ways=3, alpha=0.5, method="student").to_yaml(path)
-    cfg = _parse(["--config", str(path), "--alpha", "0.25", "--first-order-teacher"])
-    assert (cfg.ways, cfg.alpha, cfg.method, cfg.first_order_teacher) == (3, 0.25, "student", True)
-    assert cfg.shots == Config().shots
 
 
 def test_yaml_round_trip_and_dashed_keys(tmp_path):
@@ -71,21 +56,6 @@ def test_paper_defaults_are_marked_in_help():
     assert (cfg.beta, cfg.eta, cfg.inner_steps, cfg.test_episodes) == (1e-5, 1e-3, 5, 800)
     helps = {f.name: f.metadata["help"] for f in fields(Config)}
     assert "[paper: 1e-5]" in helps["beta"] and "[ours" in helps["alpha"]
-
-
-@pytest.mark.parametrize("argv, expected", [
-    (["--no-mlflow"], False), (["--mlflow", "false"], False), (["--mlflow"], True), ([], True)])
-def test_boolean_flags_in_both_forms(argv, expected):
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    assert config_from_args(parser.parse_args(argv)).mlflow is expected
-
-
-def test_negated_flag_takes_no_value():
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--no-augment", "true"])
 
 
 @pytest.mark.parametrize("changes, message", [

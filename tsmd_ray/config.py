@@ -1,18 +1,16 @@
-"""The one configuration of tsmd-ray: a dataclass read from YAML and the command line.
+"""The one configuration of tsmd-ray: a dataclass, its validation, and the YAML files that hold it.
 
-Command-line flags are the field names with dashes (``--inner-steps``); ``--config FILE.yaml``
-holds the same keys with underscores (or dashes). Flags given on the command line win over the
-file, the file wins over the defaults.
+A YAML file holds the field names with underscores (or dashes); ``tsmd_ray.flags`` turns the same
+fields into command-line flags (``--inner-steps``), which win over the file, which wins over the
+defaults.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import math
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -384,68 +382,3 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RequestError("file.yaml", f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
-
-
-# ---------------------------------------------------------------------- command line
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-class BoolFlag(argparse.BooleanOptionalAction):
-    """``--flag`` / ``--no-flag`` as users type them, and ``--flag false`` as YAML-minded users do."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, **kwargs)
-        self.nargs = "?"
-        self.metavar = "BOOL"
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        negated = option_string.startswith("--no-")
-        if negated and values is not None:
-            parser.error(f"{option_string} takes no value")
-        try:
-            value = True if values is None else _parse_bool(values)
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"argument {option_string}: {exc}")
-        setattr(namespace, self.dest, value != negated)
-
-    def format_usage(self) -> str:
-        return " | ".join(self.option_strings)
-
-
-def _field_kwargs(f: dataclasses.Field) -> dict[str, Any]:
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
-    if "list[int]" in kind:
-        kwargs.update(type=int, nargs="+")
-    elif kind.startswith("bool"):
-        kwargs["action"] = BoolFlag
-    elif kind.startswith("int"):
-        kwargs["type"] = int
-    elif kind.startswith("float"):
-        kwargs["type"] = float
-    if f.metadata.get("choices"):
-        kwargs["choices"] = f.metadata["choices"]
-    return kwargs
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one flag per Config field to ``parser``."""
-    parser.add_argument("--config", help="YAML file with Config keys (flags override it)")
-    group = parser.add_argument_group("configuration")
-    for f in fields(Config):
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_field_kwargs(f))
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then ``--config`` file, then explicit flags."""
-    data: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
-    names = {f.name for f in fields(Config)}
-    data.update({k: v for k, v in vars(args).items() if k in names})
-    return Config.from_dict(data)
-

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write
-from .config import BoolFlag, Config, add_config_arguments, load_yaml
+from .config import Config, load_yaml
+from .flags import BoolFlag, add_config_arguments
 from .errors import entry_point
 from .preflight import check_training
 from .pretrain import cached_pretrain, check_request, pretrain_args

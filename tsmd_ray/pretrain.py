@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .checkpoint import atomic_write
-from .config import BoolFlag
+from .flags import BoolFlag
 from .errors import RequestError, entry_point
 from .pretrain_worker import STATE_FILE, LocalSession, build_teacher, fit_teacher, train_loop, train_rows
 from .preflight import (check_file, check_fits, check_minimum, check_out_dir, check_out_file, check_torch_device,

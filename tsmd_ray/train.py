@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import tracking
-from .config import Config, add_config_arguments, config_from_args
+from .config import Config
+from .flags import add_config_arguments, config_from_args
 from .data import ArrowFewShotDataset
 from .engine import DataSpec
 from .errors import RequestError, entry_point

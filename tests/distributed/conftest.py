@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from tsmd_ray.checkpoint import load_checkpoint
-from tsmd_ray.config import Config, config_from_args
+from tsmd_ray.config import Config
 from tsmd_ray.data import ArrowFewShotDataset
 from tsmd_ray.engine import DataSpec
+from tsmd_ray.flags import config_from_args
 from tsmd_ray.plots import read_metrics
 from tsmd_ray.train import build_parser
 from tsmd_ray.training import CHECKPOINT_NAME, Runner, Trainer

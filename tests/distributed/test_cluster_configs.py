@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tsmd_ray.config import Config, config_from_args
+from tsmd_ray.config import Config
+from tsmd_ray.flags import config_from_args
 from tsmd_ray.train import build_parser
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
