@@ -132,12 +132,22 @@ def ray_address() -> str:
             ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def references() -> dict:
+    """``reference``'s result, computed by the first module that asks (the run is deterministic)."""
+    return {}
+
+
 @pytest.fixture(scope="module")
-def reference(ray_address: str, omniglot_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def reference(ray_address: str, omniglot_dataset: Path, tmp_path_factory: pytest.TempPathFactory,
+              references: dict) -> dict:
     """An unfaulted run with driver aggregation over 2 workers: final learner state, evaluation,
-    the runner's call statistics and the metrics records."""
+    the runner's call statistics and the metrics records. Run once per session, on the Ray
+    instance of the first module that asks."""
     from tsmd_ray.distributed import RayRunner
 
+    if "driver" in references:
+        return references["driver"]
     out = tmp_path_factory.mktemp("reference")
     cfg = tiny_config(omniglot_dataset, out, "--workers", "2")
     runner = RayRunner(cfg, omniglot_dataset)
@@ -147,4 +157,6 @@ def reference(ray_address: str, omniglot_dataset: Path, tmp_path_factory: pytest
         stats = runner.stats
     finally:
         runner.close()
-    return {"state": final_state(out), "result": result, "stats": stats, "metrics": read_metrics(out / "metrics.jsonl")}
+    references["driver"] = {"state": final_state(out), "result": result, "stats": stats,
+                            "metrics": read_metrics(out / "metrics.jsonl")}
+    return references["driver"]
