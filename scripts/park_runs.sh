@@ -8,6 +8,7 @@
 # (A ref outside the branch, refs/parked/NAME, was tried first: a fresh clone of the branch lost it.)
 #
 #   scripts/park_runs.sh save NAME PATH...   # e.g. save claim runs/claim/grid runs/claim/teacher_conv4_64.pt
+#                                            # (replaces all that NAME held: name every path to keep)
 #   scripts/park_runs.sh watch MINUTES NAME PATH...  # save every MINUTES until killed (a session
 #                                            # that is cut off keeps its last save)
 #   scripts/park_runs.sh restore NAME        # writes the parked files back to their paths
