@@ -46,12 +46,17 @@ def ray_cluster():
     return ray
 
 
-@pytest.fixture(scope="session", autouse=True)
-def stop_ray_at_the_end():
-    yield
+def stop_shared_ray() -> None:
+    """Stop the instance that ``ray_cluster`` shares, if one is running in this process."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_ray_at_the_end():
+    yield
+    stop_shared_ray()
 
 
 # ---------------------------------------------------------------------- one tracking server per session

@@ -24,13 +24,9 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
 @pytest.mark.parametrize("argv, expected", [
     (["--no-mlflow"], False), (["--mlflow", "false"], False), (["--mlflow"], True), ([], True)])
 def test_boolean_flags_in_both_forms(argv, expected):
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    assert config_from_args(parser.parse_args(argv)).mlflow is expected
+    assert _parse(argv).mlflow is expected
 
 
 def test_negated_flag_takes_no_value():
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
     with pytest.raises(SystemExit):
-        parser.parse_args(["--no-augment", "true"])
+        _parse(["--no-augment", "true"])

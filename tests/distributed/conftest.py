@@ -21,6 +21,8 @@ from tsmd_ray.plots import read_metrics
 from tsmd_ray.train import build_parser
 from tsmd_ray.training import CHECKPOINT_NAME, Runner, Trainer
 
+from ..conftest import stop_shared_ray
+
 # TSMD with an adapted Conv-4 teacher and a Conv-4 student, both 8 channels wide: psi and theta
 # are both meta-trained, second order, with train-time augmentation, in well under a second per
 # iteration. The same flags drive in-process runs and `python -m tsmd_ray.train` subprocesses.
@@ -110,14 +112,6 @@ def fault_during(runner: Any, iteration: int, meta_batch: int, fault: Callable[[
 
 
 # ---------------------------------------------------------------------- one Ray instance per module
-def stop_shared_ray() -> None:
-    """Stop the instance that tests/conftest.py's ``ray_cluster`` shares, if one is running here."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def ray_address() -> str:
     import ray
