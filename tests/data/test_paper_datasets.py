@@ -26,7 +26,8 @@ from tsmd_ray.data import (
     resolve_dataset,
 )
 from tsmd_ray.data.__main__ import main
-from tsmd_ray.data.paper_datasets import DATASETS, load_split, random_split, split_file
+from tsmd_ray.data.paper_datasets import DATASETS
+from tsmd_ray.data.split_files import load_split, random_split, split_file
 
 COUNTS = {
     "mini_imagenet": (64, 16, 20),
@@ -263,7 +264,7 @@ def test_prepare_each_layout(key: str, releases: dict[str, Path], tmp_path: Path
 
 
 def test_pickles_are_named_in_a_warning(releases, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="tsmd_ray.data.paper_datasets"):
+    with caplog.at_level(logging.WARNING, logger="tsmd_ray.data.releases"):
         DATASETS["mini_imagenet"].prepare(releases["mini_pickle"], tmp_path / "out")
     warned = [r.getMessage() for r in caplog.records if "unpickling" in r.getMessage()]
     assert len(warned) == 3 and "mini-imagenet-cache-validation.pkl" in " ".join(warned)

@@ -28,7 +28,7 @@ from .arrow import SPLITS, Record, write_dataset
 from .decode import Decoded, decode_stream, default_workers
 from .episodes import LEAVE_OUT
 from .errors import DataError, DataRootError, ImageReadError, SplitError
-from .paper_datasets import random_split
+from .split_files import random_split
 
 log = logging.getLogger(__name__)
 
