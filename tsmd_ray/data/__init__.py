@@ -1,6 +1,7 @@
 """Data layer: Arrow storage, dataset preparation, episode sampling, transforms (no training code)."""
 
-from .arrow import FORMAT_VERSION, ArrowFewShotDataset, read_meta, write_dataset
+from .arrow import FORMAT_VERSION, ArrowFewShotDataset, read_meta
+from .arrow_write import write_dataset
 from .episodes import Episode, EpisodeSampler
 from .errors import (
     ChannelMismatchError,

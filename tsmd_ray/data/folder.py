@@ -24,7 +24,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pa_parquet
 from tqdm import tqdm
 
-from .arrow import SPLITS, Record, write_dataset
+from .arrow import SPLITS
+from .arrow_write import Record, write_dataset
 from .decode import Decoded, decode_stream, default_workers
 from .episodes import LEAVE_OUT
 from .errors import DataError, DataRootError, ImageReadError, SplitError

@@ -16,7 +16,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .arrow import SPLITS, Record, write_dataset
+from .arrow import SPLITS
+from .arrow_write import Record, write_dataset
 from .errors import DataError, DataRootError, ImageReadError, SplitError
 from .transforms import open_image, to_array
 

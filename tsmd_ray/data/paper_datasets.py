@@ -23,7 +23,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import releases
-from .arrow import SPLITS, Record, write_dataset
+from .arrow import SPLITS
+from .arrow_write import Record, write_dataset
 from .errors import DataError, DataRootError, SplitError
 from .releases import Ref, Release
 from .split_files import load_split, split_file
