@@ -162,8 +162,12 @@ def md_row(name: str, cells: Sequence[str]) -> str:
 def markdown_table(data: dict[str, Any], title: str | None = None) -> str:
     """Table 1 (bold: best student), the teachers inside the student runs, and the paired differences."""
     settings, table, every = data["settings"], _scored(data["table"]), data["table"]
-    best = {s: max((table[m][s]["mean"] for m in data["methods"] if s in table[m] and m != "oracle"), default=None)
-            for s in settings}
+    seeds = data.get("seeds") or []
+    partial = {(m, s) for m, row in table.items() for s, e in row.items() if fewer_seeds(e, seeds)}
+    # a row over fewer seeds than the grid's is not ranked against the others
+    ranked = {s: [m for m in data["methods"] if m != "oracle" and s in table[m] and (m, s) not in partial]
+              for s in settings}
+    best = {s: max((table[m][s]["mean"] for m in ranked[s]), default=None) for s in settings}
     lines = [f"### {title}", ""] if title else []
     lines += [md_row("Method", settings), "|---|" + "---|" * len(settings)]
     for method in data["methods"]:
@@ -171,17 +175,17 @@ def markdown_table(data: dict[str, Any], title: str | None = None) -> str:
         for s in settings:
             text = fmt(every[method].get(s))
             entry = table[method].get(s)
-            if entry is not None and method != "oracle" and entry["mean"] == best[s]:
+            if method in ranked[s] and entry["mean"] == best[s]:
                 text = f"**{text}**"
-            cells.append(text + fewer_seeds(entry, data.get("seeds") or []))
+            cells.append(text + fewer_seeds(entry, seeds))
         lines.append(md_row(ROW_NAMES[method], cells))
     episodes = sorted({e["episodes"] for row in table.values() for e in row.values()})
-    seeds = data.get("seeds") or []
     pooled = (f", pooled over {len(seeds)} training seeds ({', '.join(map(str, seeds))}) or over those a cell "
               "names" if len(seeds) > 1 else "")
     lines += ["", f"Test accuracy (%), mean ± 95% confidence interval over {'/'.join(map(str, episodes)) or '?'} "
               f"test episodes per cell{pooled}; Oracle is the adapted teacher, every other row the student. "
-              "Bold: best student."]
+              "Bold: best student" + (" among the rows with every seed (a row naming its seeds is not ranked)."
+                                      if partial else ".")]
     for method, row in every.items():
         for setting, entry in row.items():
             error = entry.get("failed") or "; ".join(entry.get("partly_failed", []))
