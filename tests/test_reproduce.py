@@ -176,7 +176,7 @@ def test_seeds_are_pooled_and_methods_paired_episode_by_episode(tmp_path):
     # higher, but over one seed: not ranked against the Student's two (bold), which names no seeds
     assert re.search(r"\| Ours \| 57\.33 ± \d+\.\d\d \(seed 0\) \|", partial), partial
     assert re.search(r"\| Student \| \*\*53\.33 ± [\d.]+\*\* \|", partial), partial
-    assert "Bold: best student among the rows with every seed" in partial
+    assert "Bold: best student among the cells with every seed" in partial
 
 
 @pytest.mark.parametrize("n, t", [(2, 12.706), (4, 3.182), (21, 2.086), (61, 2.000)])

@@ -163,10 +163,10 @@ def markdown_table(data: dict[str, Any], title: str | None = None) -> str:
     """Table 1 (bold: best student), the teachers inside the student runs, and the paired differences."""
     settings, table, every = data["settings"], _scored(data["table"]), data["table"]
     seeds = data.get("seeds") or []
-    partial = {(m, s) for m, row in table.items() for s, e in row.items() if fewer_seeds(e, seeds)}
-    # a row over fewer seeds than the grid's is not ranked against the others
-    ranked = {s: [m for m in data["methods"] if m != "oracle" and s in table[m] and (m, s) not in partial]
-              for s in settings}
+    students = [m for m in data["methods"] if m != "oracle"]  # the oracle's row is a reference, never ranked
+    partial = {(m, s) for m in students for s, e in table[m].items() if fewer_seeds(e, seeds)}
+    # a cell pooled over fewer seeds than the grid's is not ranked against the others
+    ranked = {s: [m for m in students if s in table[m] and (m, s) not in partial] for s in settings}
     best = {s: max((table[m][s]["mean"] for m in ranked[s]), default=None) for s in settings}
     lines = [f"### {title}", ""] if title else []
     lines += [md_row("Method", settings), "|---|" + "---|" * len(settings)]
@@ -184,7 +184,7 @@ def markdown_table(data: dict[str, Any], title: str | None = None) -> str:
               "names" if len(seeds) > 1 else "")
     lines += ["", f"Test accuracy (%), mean ± 95% confidence interval over {'/'.join(map(str, episodes)) or '?'} "
               f"test episodes per cell{pooled}; Oracle is the adapted teacher, every other row the student. "
-              "Bold: best student" + (" among the rows with every seed (a row naming its seeds is not ranked)."
+              "Bold: best student" + (" among the cells with every seed (a cell naming its seeds is not ranked)."
                                       if partial else ".")]
     for method, row in every.items():
         for setting, entry in row.items():
