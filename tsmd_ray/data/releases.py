@@ -1,7 +1,7 @@
 """Readers of the paper's benchmark releases in their usual layouts (section 5.1; docs/data.md).
 
-Each layout has a ``_locate_*`` (is there a release under this folder, and where is its root?) and
-a ``_read_*`` that returns a :class:`Release`: image refs per class, and the split the release
+Each layout has a ``locate_*`` (is there a release under this folder, and where is its root?) and
+a ``read_*`` that returns a :class:`Release`: image refs per class, and the split the release
 itself declares. Some releases are Python pickles; every unpickled file is named in a warning.
 """
 
