@@ -1,10 +1,14 @@
 """Grid files: expansion into cells (base, setting, method overrides, seeds) and refusals."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from tsmd_ray.grid import expand, load_grid, write_configs
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_grid_expands_settings_by_methods(tmp_path):
@@ -64,3 +68,10 @@ def test_base_from_takes_the_other_grids_base_and_method_overrides_under_this_on
     (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base_from": "missing.yaml", "settings": [{"ways": 5}]}))
     with pytest.raises(ValueError, match="missing.yaml"):
         load_grid(tmp_path / "b.yaml")
+
+
+@pytest.mark.parametrize("path", [p for p in sorted(CONFIGS.glob("*.yaml"))
+                                  if "settings" in yaml.safe_load(p.read_text())], ids=lambda p: p.name)
+def test_committed_grids_expand_to_valid_cells_in_their_own_folders(path, tmp_path):
+    cells = expand(load_grid(path), tmp_path)  # every cell's Config is validated here
+    assert cells and len({cell.out for cell in cells}) == len(cells)
