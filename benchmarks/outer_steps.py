@@ -18,7 +18,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tsmd_ray.algorithms import InnerSettings, MetaObjective, TaskBatch, make_kd_loss, parameters_of  # noqa: E402
 from tsmd_ray.models import use_fused_batchnorm  # noqa: E402
-from tsmd_ray.models import TaskBatchNorm2d, build_model  # noqa: E402
+from tsmd_ray.models import TaskBatchNorm2d, build_model, statistics_from_first  # noqa: E402
 
 try:
     import warnings
@@ -54,6 +54,7 @@ class Spec:
     kd_weight: float = 1.0
     temperature: float = 4.0
     first_order_teacher: bool = False
+    query_statistics: str = "support"  # query batch norm (Eq. 8): support (engine default) | transductive
     gpu_target: float = 1.0  # engine default path / l2l loop, on a GPU
 
 
@@ -66,7 +67,8 @@ CONFIGS = {
 }
 PATHS = ("engine_vmap", "engine_loop", "l2l_loop")
 # --native-bn adds the loop paths on models with nn.BatchNorm2d: what learn2learn users with a
-# stock model get, and a prototype of the engine's loop path using the fused kernel
+# stock model get, and a prototype of the engine's loop path using the fused kernel. nn.BatchNorm2d
+# cannot take the query's statistics from the support set, so these paths need transductive ones.
 NATIVE_BN_PATHS = ("engine_loop_native_bn", "l2l_loop_native_bn")
 
 
@@ -106,7 +108,8 @@ class EnginePath:
         settings = InnerSettings(steps=spec.steps, alpha=spec.alpha, lam=spec.lam,
                                  adapt_teacher=spec.method == "tsmd",
                                  first_order_teacher=spec.first_order_teacher,
-                                 kd_weight=spec.kd_weight if spec.method == "tsmd" else 0.0)
+                                 kd_weight=spec.kd_weight if spec.method == "tsmd" else 0.0,
+                                 query_statistics=spec.query_statistics)
         kd = make_kd_loss("kl", temperature=spec.temperature)
         self.objective = MetaObjective(self.teacher, self.student, kd, settings, "maml",
                                        spec.meta_batch if vmap else 0)
@@ -141,6 +144,14 @@ class Learn2LearnPath:
                                                first_order=spec.first_order_teacher)
             self.optimizers.append(torch.optim.Adam(self.teacher.parameters(), lr=1e-3))
 
+    def _query_logits(self, learner, sx: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+        """The query under the spec's batch-norm statistics, as ``tsmd_ray.algorithms.query_logits``
+        (written out here: what a learn2learn user would write with these models)."""
+        if self.spec.query_statistics == "transductive":
+            return learner(qx)
+        with statistics_from_first(len(sx)):
+            return learner(torch.cat([sx, qx]))[len(sx):]
+
     def _accumulate(self, tasks: TaskBatch) -> float:
         s, T = self.spec, self.spec.temperature
         for opt in self.optimizers:
@@ -154,7 +165,7 @@ class Learn2LearnPath:
                 teacher = self.teacher.clone()
                 for _ in range(s.steps):
                     teacher.adapt(F.cross_entropy(teacher(sx), sy))
-                loss = F.cross_entropy(teacher(qx), qy)
+                loss = F.cross_entropy(self._query_logits(teacher, sx, qx), qy)
                 teacher_logits = teacher(sx).detach()
             student = self.student.clone()
             for _ in range(s.steps):
@@ -165,7 +176,7 @@ class Learn2LearnPath:
                         F.log_softmax(logits / T, dim=-1), F.softmax(teacher_logits / T, dim=-1),
                         reduction="batchmean")
                 student.adapt(inner)
-            loss = loss + F.cross_entropy(student(qx), qy)
+            loss = loss + F.cross_entropy(self._query_logits(student, sx, qx), qy)
             loss.backward()
             error += loss.item()
         return error

@@ -12,6 +12,10 @@ Three paths compute the same outer step (Eq. 10, then Adam) on the same syntheti
   then the student clone with cross-entropy + Hinton KL to the adapted teacher's detached
   support logits; both query losses are backpropagated.
 
+Every path normalises the query with the statistics ``--query-statistics`` names: ``support`` (the
+engine's default, what the deployed student does) or ``transductive`` (the query batch's own, as
+in MAML's reference code); ``gradient_agreement_rel`` checks that they compute the same step.
+
 The paths run round-robin (one meta-iteration each, in rotating order) so that noise on a shared
 machine hits all of them alike; the figure is meta_batch / median iteration time.
 
@@ -223,13 +227,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--first-order-teacher", action="store_true",
                         help="first-order teacher adaptation in (b), for all paths")
     parser.add_argument("--allow-tf32", action="store_true", help="TF32 on (the engine's default is off)")
+    parser.add_argument("--query-statistics", default="support", choices=("support", "transductive"),
+                        help="batch-norm statistics of the query images in every path (default: support, "
+                             "as the engine's default)")
     parser.add_argument("--native-bn", action="store_true",
-                        help="also time the loop paths with nn.BatchNorm2d (see NATIVE_BN_PATHS)")
+                        help="also time the loop paths with nn.BatchNorm2d (see NATIVE_BN_PATHS; needs "
+                             "--query-statistics transductive)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory probes")
     parser.add_argument("--json-out", help="also write the JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     args.warmup = max(args.warmup, 1)
+    if args.native_bn and args.query_statistics != "transductive":
+        parser.error("--native-bn needs --query-statistics transductive: nn.BatchNorm2d cannot normalise "
+                     "the query with the support set's statistics")
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
@@ -240,6 +251,7 @@ def main(argv=None) -> dict:
     default_path = "engine_vmap" if device.type == "cuda" else "engine_loop"  # as build_objective, auto
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "device": str(device), "dtype": args.dtype, "tf32": args.allow_tf32,
+              "query_statistics": args.query_statistics,
               "warmup": args.warmup, "iterations": args.iterations, "machine": machine(device),
               "default_path": default_path,
               "memory_method": ("torch.cuda.max_memory_allocated minus allocated before the iteration"
@@ -252,8 +264,8 @@ def main(argv=None) -> dict:
         spec = CONFIGS[key]
         if args.meta_batch:
             spec = replace(spec, meta_batch=args.meta_batch)
-        if args.first_order_teacher:
-            spec = replace(spec, first_order_teacher=True)
+        spec = replace(spec, first_order_teacher=args.first_order_teacher or spec.first_order_teacher,
+                       query_statistics=args.query_statistics)
         log(f"config {spec.name} (meta-batch {spec.meta_batch}, first-order teacher {spec.first_order_teacher})")
         names = PATHS + (NATIVE_BN_PATHS if args.native_bn else ())
         result = time_config(spec, device, dtype, args.warmup, args.iterations, log, names)
