@@ -71,7 +71,7 @@ def test_base_from_takes_the_other_grids_base_and_method_overrides_under_this_on
 
 
 @pytest.mark.parametrize("path", [p for p in sorted(CONFIGS.glob("*.yaml"))
-                                  if "settings" in yaml.safe_load(p.read_text())], ids=lambda p: p.name)
+                                  if "settings" in (yaml.safe_load(p.read_text()) or {})], ids=lambda p: p.name)
 def test_committed_grids_expand_to_valid_cells_in_their_own_folders(path, tmp_path):
     cells = expand(load_grid(path), tmp_path)  # every cell's Config is validated here
     assert cells and len({cell.out for cell in cells}) == len(cells)

@@ -4,7 +4,7 @@ from pathlib import Path  # usage: python docs/benchmarks/float32-cpu-2026-12-04
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-import throughput as tp
+import outer_steps as tp
 from tsmd_ray.models import use_fused_batchnorm
 torch.set_num_threads(1)
 dev = torch.device("cpu")

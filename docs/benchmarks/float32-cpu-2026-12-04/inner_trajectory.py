@@ -5,7 +5,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
 from torch.nn import functional as F
-import throughput as tp
+import outer_steps as tp
 from tsmd_ray.algorithms import parameters_of
 from tsmd_ray.algorithms.functional import cross_entropy
 from tsmd_ray.algorithms.tsmd import query_logits
