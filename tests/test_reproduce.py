@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from tsmd_ray.grid import expand, finished, load_grid
+from tsmd_ray.grid import expand, finished, load_grid, progress
 from tsmd_ray.reproduce import main, reproduce
 from tsmd_ray.tables import across_seeds, collect, curve_label, markdown_table, plot_validation_curves
 
@@ -199,6 +199,42 @@ def test_validation_curves_draw_unfinished_cells_as_such(tmp_path):
     _write_evaluation(cells[0].out, {"student": [0.5] * 4})
     assert [curve_label(c) for c in cells] == ["Student (seed 0)", "Student (seed 1, unfinished)"]
     assert plot_validation_curves(cells, tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_status_says_where_each_cell_stands_and_writes_nothing(tmp_path, capsys):
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text(yaml.safe_dump({"name": "g", "base": {"iterations": 300}, "seeds": [0, 1],
+                                         "methods": ["student", "oracle"], "settings": [{"ways": 5}]}))
+    out = tmp_path / "out"
+    student0, student1, oracle0, oracle1 = expand(load_grid(grid_path), out)
+    for cell, accs in ((student0, (0.3, 0.5, 0.4)), (oracle0, (0.6, 0.7, 0.65)), (oracle1, (0.2,))):
+        cell.out.mkdir(parents=True)
+        records = [{"step": s, "train/student/loss": 1.0} for s in range(1, 50 * len(accs) + 2)]
+        records += [{"step": 50 * k, f"val/{m}_acc": a + (0.1 if m == "teacher" else 0)}
+                    for k, a in enumerate(accs, 1) for m in ("student", "teacher")]
+        (cell.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _write_evaluation(oracle0.out, {"teacher": [0.5, 1.0], "student": [0.0, 0.0]})
+    evaluation = json.loads((oracle0.out / "evaluation.json").read_text())
+    (oracle0.out / "evaluation.json").write_text(json.dumps({**evaluation, "tested_iteration": 100}))
+    oracle0.cfg.to_yaml(oracle0.out / "config.yaml")
+    (oracle1.out / "failed.json").write_text(json.dumps({"error": "NonFiniteLossError: non-finite loss"}))
+    assert progress(student0) == {"state": "unfinished", "iterations": 300, "iteration": 151,
+                                  "best_val": 0.5, "best_at": 100, "last_val": 0.4, "last_at": 150}
+    assert progress(student1) == {"state": "not started", "iterations": 300, "iteration": 0}
+    done = progress(oracle0)
+    assert (done["state"], done["test"], done["tested_at"]) == ("finished", 0.75, 100)
+    assert done["best_val"] == pytest.approx(0.8)  # the oracle's row model is the teacher
+    assert progress(oracle1)["state"] == "failed"
+    assert main(["--grid", str(grid_path), "--out", str(out), "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == ("| 5-way 1-shot / Student / seed 0 | unfinished | 151 / 300 | 50.00 (at 100) "
+                        "| 40.00 (at 150) | — |")
+    assert lines[4].startswith("| 5-way 1-shot / Oracle / seed 0 | finished | 151 / 300 | 80.00 (at 100) |")
+    assert lines[4].endswith("| 75.00 (at 100) |")  # no ci95 in this evaluation.json
+    assert "failed: NonFiniteLossError" in lines[5]
+    assert sorted(p.name for p in out.rglob("*")) == sorted(  # nothing written by --status
+        ["5-way-1-shot", "student", "oracle", "seed0", "seed0", "seed1", "metrics.jsonl", "metrics.jsonl",
+         "metrics.jsonl", "evaluation.json", "config.yaml", "failed.json"])
 
 
 def test_pairing_refuses_different_episode_counts(tmp_path):

@@ -1,11 +1,13 @@
 """A grid file (``configs/*.yaml``) and its cells: one :class:`~tsmd_ray.config.Config` per (setting,
-method, seed), where it trains, and whether it has finished (format: ``configs/README.md``).
-``tsmd_ray.reproduce`` trains the cells; ``tsmd_ray.tables`` turns them into the table."""
+method, seed), where it trains, how far it has come and whether it has finished (format:
+``configs/README.md``). ``tsmd_ray.reproduce`` trains the cells; ``tsmd_ray.tables`` turns them into
+the table."""
 from __future__ import annotations
 
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import yaml
 from .checkpoint import load_checkpoint
 from .config import METHODS, RESUMABLE_KEYS, Config, changed_keys, load_yaml
 from .errors import RequestError
+from .tables import FAILED, ROW_MODEL, ROW_NAMES, md_row
 
 log = logging.getLogger("tsmd_ray.grid")
 
@@ -106,6 +109,11 @@ def setting_label(setting: dict[str, Any]) -> str:
     return f"{setting.get('ways', 5)}-way {setting.get('shots', 1)}-shot"
 
 
+def grid_out(grid: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Where the grid's cells train: ``out``, by default ``runs/<grid name>``."""
+    return Path(out or Path("runs") / grid["name"])
+
+
 def expand(grid: dict[str, Any], out: str | Path, resume: bool = False) -> list[Cell]:
     """The grid's cells, settings-major (the order of the table's columns, then rows, then seeds).
 
@@ -164,11 +172,57 @@ def stale_checkpoint(cell: Cell) -> list[str]:
     return changed_keys(load_checkpoint(path)["config"], cell.cfg, RESUMABLE_KEYS) if path.is_file() else []
 
 
+def progress(cell: Cell) -> dict[str, Any]:
+    """Where a cell stands, from its files: ``state`` (finished, failed, unfinished, not started), the
+    last meta-iteration logged, the best and the last meta-validation of its row's model (the one the
+    table reports), and once finished its test accuracy and the iteration whose weights were tested."""
+    from .plots import read_metrics, series  # matplotlib only when asked
+
+    metrics = cell.out / "metrics.jsonl"
+    records = read_metrics(metrics) if metrics.is_file() else []
+    row: dict[str, Any] = {"state": "unfinished" if records else "not started", "iterations": cell.cfg.iterations,
+                           "iteration": max((int(r["step"]) for r in records if any(k.startswith("train/") for k in r)),
+                                            default=0)}
+    curve = series(records).get(f"val/{ROW_MODEL[cell.method]}_acc")
+    if curve:
+        steps, values = curve
+        best = max(range(len(values)), key=values.__getitem__)
+        row.update(best_val=values[best], best_at=steps[best], last_val=values[-1], last_at=steps[-1])
+    if finished(cell):
+        evaluation = json.loads((cell.out / "evaluation.json").read_text())
+        result = evaluation["results"][ROW_MODEL[cell.method]]
+        row.update(state="finished", test=result["mean"], test_ci95=result.get("ci95"),
+                   tested_at=evaluation.get("tested_iteration"))
+    elif (cell.out / FAILED).is_file():
+        row.update(state="failed", error=json.loads((cell.out / FAILED).read_text())["error"])
+    return row
+
+
+def progress_table(cells: Sequence[Cell]) -> str:
+    """A markdown table of :func:`progress`, one line per cell (accuracies in percent)."""
+    def pct(value: float | None, at: int | None, ci95: float | None = None) -> str:
+        if value is None:
+            return "—"
+        ci = f" ± {100 * ci95:.2f}" if ci95 is not None else ""
+        return f"{100 * value:.2f}{ci}" + (f" (at {at:,})" if at is not None else "")
+
+    lines = [md_row("Cell", ["State", "Iteration", "Best validation", "Last validation", "Test (weights of)"]),
+             md_row("---", ["---"] * 5)]
+    for cell in cells:
+        p = progress(cell)
+        state = p["state"] + (f": {p['error'][:80]}" if "error" in p else "")
+        lines.append(md_row(f"{cell.setting} / {ROW_NAMES[cell.method]} / seed {cell.seed}",
+                            [state, f"{p['iteration']:,} / {p['iterations']:,}",
+                             pct(p.get("best_val"), p.get("best_at")), pct(p.get("last_val"), p.get("last_at")),
+                             pct(p.get("test"), p.get("tested_at"), p.get("test_ci95"))]))
+    return "\n".join(lines) + "\n"
+
+
 def write_configs(grid_path: str | Path, folder: str | Path, out: str | Path | None = None) -> list[Path]:
     """One ``python -m tsmd_ray.train --config`` YAML per cell of the grid."""
     grid = load_grid(grid_path)
     paths = []
-    for cell in expand(grid, out or Path("runs") / grid["name"]):
+    for cell in expand(grid, grid_out(grid, out)):
         seed = f"-seed{cell.seed}" if grid.get("seeds") else ""
         path = Path(folder) / f"{grid['name']}-{slug(cell.setting)}-{cell.method}{seed}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,9 @@ false``, trained elsewhere with ``train --config``, or while the store was away)
 it when the grid ends. The table goes in as metrics (``<setting>/<method>/acc``, ``.../ci95``,
 ``<setting>/<method>_minus_student/mean``) and files. ``--expand DIR`` only writes the cells'
 configs (one YAML per cell, for ``python -m tsmd_ray.train --config``); ``--table-only`` trains
-nothing and writes the table of the cells finished so far, recording them in the grid's run.
+nothing and writes the table of the cells finished so far, recording them in the grid's run;
+``--status`` only prints where each cell stands (the last iteration, the best and last validation,
+the test accuracy of a finished cell), for grids that train over several sessions.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ import yaml
 from . import tracking
 from .config import Config
 from .errors import RequestError, ending, entry_point
-from .grid import Cell, expand, finished, load_grid, slug, stale_checkpoint, write_configs
+from .grid import Cell, expand, finished, grid_out, load_grid, progress_table, slug, stale_checkpoint, write_configs
 from .preflight import check_out_dir, check_training
 from .tables import FAILED, collect, markdown_table, plot_table
 
@@ -202,7 +204,7 @@ def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool
     if unknown:
         raise RequestError("grid", f"--methods {', '.join(unknown)}: accepted the grid's methods "
                            f"({', '.join(grid['methods'])}) in {grid_path}")
-    out = Path(out or Path("runs") / grid["name"])
+    out = grid_out(grid, out)
     check_out_dir("--out", out)
     cells = expand(grid, out, resume)
     todo = [] if table_only else [c for c in cells if not (resume and finished(c))
@@ -247,10 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="skip finished cells, resume unfinished ones")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help="train only these rows now (the table shows every finished cell)")
-    parser.add_argument("--table-only", action="store_true",
-                        help="train nothing: write the table of the finished cells and record them in the grid's "
-                             "MLflow run (cells trained elsewhere, e.g. with train --config on --expand's configs)")
-    parser.add_argument("--expand", metavar="DIR", help="only write one train config per cell into DIR")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--table-only", action="store_true",
+                      help="train nothing: write the table of the finished cells and record them in the grid's "
+                           "MLflow run (cells trained elsewhere, e.g. with train --config on --expand's configs)")
+    only.add_argument("--expand", metavar="DIR", help="only write one train config per cell into DIR")
+    only.add_argument("--status", action="store_true",
+                      help="train and write nothing: print where each cell stands (iteration, best and last "
+                           "validation, test accuracy once finished)")
     return parser
 
 
@@ -258,6 +264,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.expand:
         for path in write_configs(args.grid, args.expand, args.out):
             print(path)
+        return 0
+    if args.status:
+        grid = load_grid(args.grid)
+        print(progress_table(expand(grid, grid_out(grid, args.out), resume=True)), end="")
         return 0
     data = reproduce(args.grid, args.out, args.resume, args.methods, args.table_only)
     print((Path(data["out"]) / "results.md").read_text())
