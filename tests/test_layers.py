@@ -26,7 +26,8 @@ LAYERS = (
     ("pretrain_worker",),
     ("preflight",),
     ("tracking", "flags"),
-    ("grid", "tables"),
+    ("tables",),
+    ("grid",),
     ("diagnostics",),
     ("distributed",),
 )
