@@ -107,6 +107,11 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(omniglot_dataset, tmp_p
     text = (out / "results.md").read_text()
     assert "| Ours | failed† |" in text and "non-finite" in text
     assert (out / "results.png").is_file()
+    del spec["method_overrides"]["tsmd"]  # mended: --resume trains the failed cell again, its failure goes
+    grid.write_text(yaml.safe_dump(spec))
+    data = reproduce(grid, out, resume=True)
+    assert data["trained"] == ["5-way 1-shot/tsmd"] and not (out / "5-way-1-shot" / "tsmd" / "failed.json").exists()
+    assert data["table"]["tsmd"]["5-way 1-shot"]["episodes"] == 6
 
 
 def test_a_bad_cell_is_refused_before_the_grid_starts(omniglot_dataset, tmp_path):
@@ -203,38 +208,46 @@ def test_validation_curves_draw_unfinished_cells_as_such(tmp_path):
 
 def test_status_says_where_each_cell_stands_and_writes_nothing(tmp_path, capsys):
     grid_path = tmp_path / "g.yaml"
-    grid_path.write_text(yaml.safe_dump({"name": "g", "base": {"iterations": 300}, "seeds": [0, 1],
+    grid_path.write_text(yaml.safe_dump({"name": "g", "base": {"iterations": 300}, "seeds": [0, 1, 2],
                                          "methods": ["student", "oracle"], "settings": [{"ways": 5}]}))
     out = tmp_path / "out"
-    student0, student1, oracle0, oracle1 = expand(load_grid(grid_path), out)
-    for cell, accs in ((student0, (0.3, 0.5, 0.4)), (oracle0, (0.6, 0.7, 0.65)), (oracle1, (0.2,))):
+    student0, student1, student2, oracle0, oracle1, oracle2 = expand(load_grid(grid_path), out)
+    for cell, accs in ((student0, (0.3, 0.5, 0.4)), (oracle0, (0.6, 0.7, 0.65)), (oracle1, (0.2,)),
+                       (student2, (0.1,))):
         cell.out.mkdir(parents=True)
         records = [{"step": s, "train/student/loss": 1.0} for s in range(1, 50 * len(accs) + 2)]
         records += [{"step": 50 * k, f"val/{m}_acc": a + (0.1 if m == "teacher" else 0)}
                     for k, a in enumerate(accs, 1) for m in ("student", "teacher")]
         (cell.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with (oracle0.out / "metrics.jsonl").open("a") as f:  # early stopping's test record is at step `iterations`
+        f.write(json.dumps({"step": 300, "test/teacher_acc": 0.75}) + "\n")
     _write_evaluation(oracle0.out, {"teacher": [0.5, 1.0], "student": [0.0, 0.0]})
     evaluation = json.loads((oracle0.out / "evaluation.json").read_text())
+    evaluation["results"]["teacher"]["ci95"] = 0.0123
     (oracle0.out / "evaluation.json").write_text(json.dumps({**evaluation, "tested_iteration": 100}))
     oracle0.cfg.to_yaml(oracle0.out / "config.yaml")
-    (oracle1.out / "failed.json").write_text(json.dumps({"error": "NonFiniteLossError: non-finite loss"}))
+    (oracle1.out / "failed.json").write_text(json.dumps({"error": "NonFiniteLossError: non-finite |\n loss"}))
+    _write_evaluation(student2.out, {"student": [0.5]})
+    student2.cfg.replace(inner_steps=7).to_yaml(student2.out / "config.yaml")  # a result of another config
     assert progress(student0) == {"state": "unfinished", "iterations": 300, "iteration": 151,
                                   "best_val": 0.5, "best_at": 100, "last_val": 0.4, "last_at": 150}
     assert progress(student1) == {"state": "not started", "iterations": 300, "iteration": 0}
     done = progress(oracle0)
-    assert (done["state"], done["test"], done["tested_at"]) == ("finished", 0.75, 100)
+    assert (done["state"], done["iteration"], done["test"], done["tested_at"]) == ("finished", 151, 0.75, 100)
     assert done["best_val"] == pytest.approx(0.8)  # the oracle's row model is the teacher
     assert progress(oracle1)["state"] == "failed"
+    assert progress(student2)["state"] == "results of another config (inner_steps)"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main(["--grid", str(grid_path), "--out", str(out), "--status"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == ("| 5-way 1-shot / Student / seed 0 | unfinished | 151 / 300 | 50.00 (at 100) "
                         "| 40.00 (at 150) | — |")
-    assert lines[4].startswith("| 5-way 1-shot / Oracle / seed 0 | finished | 151 / 300 | 80.00 (at 100) |")
-    assert lines[4].endswith("| 75.00 (at 100) |")  # no ci95 in this evaluation.json
-    assert "failed: NonFiniteLossError" in lines[5]
-    assert sorted(p.name for p in out.rglob("*")) == sorted(  # nothing written by --status
-        ["5-way-1-shot", "student", "oracle", "seed0", "seed0", "seed1", "metrics.jsonl", "metrics.jsonl",
-         "metrics.jsonl", "evaluation.json", "config.yaml", "failed.json"])
+    assert lines[5] == ("| 5-way 1-shot / Oracle / seed 0 | finished | 151 / 300 | 80.00 (at 100) "
+                        "| 75.00 (at 150) | 75.00 ± 1.23 (at 100) |")
+    assert "failed: NonFiniteLossError: non-finite \\| loss |" in lines[6]  # one line, the pipe escaped
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # --status writes nothing
+    with pytest.raises(SystemExit):
+        main(["--grid", str(grid_path), "--status", "--resume"])
 
 
 def test_pairing_refuses_different_episode_counts(tmp_path):

@@ -16,7 +16,7 @@ import yaml
 
 from .checkpoint import load_checkpoint
 from .config import METHODS, RESUMABLE_KEYS, Config, changed_keys, load_yaml
-from .errors import RequestError
+from .errors import RequestError, one_line
 from .tables import FAILED, ROW_MODEL, ROW_NAMES, md_row
 
 log = logging.getLogger("tsmd_ray.grid")
@@ -147,22 +147,27 @@ def _cell_config(grid: dict[str, Any], cell: str, data: dict[str, Any]) -> Confi
         raise RequestError(exc.rule, f"grid {grid['name']!r}, cell {cell}: {exc}") from None
 
 
-def finished(cell: Cell) -> bool:
-    """The cell's ``evaluation.json`` exists and its ``config.yaml`` is the cell's config."""
+def saved_evaluation(cell: Cell) -> tuple[dict[str, Any] | None, list[str]]:
+    """The cell's ``evaluation.json`` (None if absent or unreadable) and the keys in which the
+    ``config.yaml`` beside it differs from the cell's config."""
     evaluation, config = cell.out / "evaluation.json", cell.out / "config.yaml"
     if not evaluation.is_file():
-        return False
+        return None, []
     try:
-        json.loads(evaluation.read_text())
+        data = json.loads(evaluation.read_text())
         saved = yaml.safe_load(config.read_text()) if config.is_file() else {}
     except (json.JSONDecodeError, yaml.YAMLError):
-        return False
-    differ = changed_keys(saved, cell.cfg)
-    if differ:
+        return None, []
+    return data, changed_keys(saved, cell.cfg)
+
+
+def finished(cell: Cell) -> bool:
+    """The cell's ``evaluation.json`` exists and its ``config.yaml`` is the cell's config."""
+    evaluation, differ = saved_evaluation(cell)
+    if evaluation is not None and differ:
         log.warning("cell %s has results from another config (%s differ): training it again",
                     cell.name, ", ".join(differ[:5]))
-        return False
-    return True
+    return evaluation is not None and not differ
 
 
 def stale_checkpoint(cell: Cell) -> list[str]:
@@ -188,11 +193,13 @@ def progress(cell: Cell) -> dict[str, Any]:
         steps, values = curve
         best = max(range(len(values)), key=values.__getitem__)
         row.update(best_val=values[best], best_at=steps[best], last_val=values[-1], last_at=steps[-1])
-    if finished(cell):
-        evaluation = json.loads((cell.out / "evaluation.json").read_text())
+    evaluation, differ = saved_evaluation(cell)
+    if evaluation is not None and not differ:
         result = evaluation["results"][ROW_MODEL[cell.method]]
         row.update(state="finished", test=result["mean"], test_ci95=result.get("ci95"),
                    tested_at=evaluation.get("tested_iteration"))
+    elif evaluation is not None:
+        row["state"] = f"results of another config ({', '.join(differ[:3])})"
     elif (cell.out / FAILED).is_file():
         row.update(state="failed", error=json.loads((cell.out / FAILED).read_text())["error"])
     return row
@@ -210,7 +217,7 @@ def progress_table(cells: Sequence[Cell]) -> str:
              md_row("---", ["---"] * 5)]
     for cell in cells:
         p = progress(cell)
-        state = p["state"] + (f": {p['error'][:80]}" if "error" in p else "")
+        state = (p["state"] + (f": {one_line(p['error'])[:80]}" if "error" in p else "")).replace("|", "\\|")
         lines.append(md_row(f"{cell.setting} / {ROW_NAMES[cell.method]} / seed {cell.seed}",
                             [state, f"{p['iteration']:,} / {p['iterations']:,}",
                              pct(p.get("best_val"), p.get("best_at")), pct(p.get("last_val"), p.get("last_at")),

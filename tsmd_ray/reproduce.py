@@ -55,7 +55,7 @@ import yaml
 
 from . import tracking
 from .config import Config
-from .errors import RequestError, ending, entry_point
+from .errors import RequestError, ending, entry_point, failure_message
 from .grid import Cell, expand, finished, grid_out, load_grid, progress_table, slug, stale_checkpoint, write_configs
 from .preflight import check_out_dir, check_training
 from .tables import FAILED, collect, markdown_table, plot_table
@@ -100,7 +100,7 @@ def run_cell(cfg_dict: dict[str, Any], parent_run_id: str | None = None) -> dict
 
 def record_failure(cell: Cell, exc: BaseException) -> None:
     """Write ``failed.json`` in the cell's folder; the table shows the cell as failed."""
-    message = f"{type(exc).__name__}: {exc}".strip()
+    message = failure_message(exc)
     log.error("cell %s failed: %s", cell.name, message)
     cell.out.mkdir(parents=True, exist_ok=True)
     (cell.out / FAILED).write_text(json.dumps({"setting": cell.setting, "method": cell.method, "seed": cell.seed,
@@ -218,8 +218,9 @@ def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool
         if stale:
             log.warning("cell %s: its checkpoint was trained with other %s: training it from the start",
                         cell.name, ", ".join(stale[:5]))
+        (cell.out / FAILED).unlink(missing_ok=True)  # an earlier failure: this cell is trained again
         if stale or not resume:
-            for name in ("checkpoint.pt", "best.pt", "evaluation.json", "metrics.jsonl", "wall.json", FAILED,
+            for name in ("checkpoint.pt", "best.pt", "evaluation.json", "metrics.jsonl", "wall.json",
                          tracking.RUN_FILE):
                 (cell.out / name).unlink(missing_ok=True)
     log.info("grid %s: %d cell(s), %d finished and skipped, %d to train", grid["name"], len(cells), skipped, len(todo))
@@ -267,7 +268,10 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if args.status:
         grid = load_grid(args.grid)
-        print(progress_table(expand(grid, grid_out(grid, args.out), resume=True)), end="")
+        out = grid_out(grid, args.out)
+        if not out.is_dir():
+            log.warning("%s does not exist: no cell of grid %s has started there (is --out right?)", out, grid["name"])
+        print(progress_table(expand(grid, out, resume=True)), end="")
         return 0
     data = reproduce(args.grid, args.out, args.resume, args.methods, args.table_only)
     print((Path(data["out"]) / "results.md").read_text())
@@ -276,8 +280,16 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.status and (args.resume or args.methods):
+        parser.error("--status trains nothing: drop --resume and --methods")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return entry_point(log.name, lambda: _main(build_parser().parse_args(argv)), resumable=True)
+    return entry_point(log.name, lambda: _main(_parse_args(argv)), resumable=True)
 
 
 if __name__ == "__main__":
