@@ -72,6 +72,19 @@ def test_a_student_only_checkpoint_is_refused(omniglot_dataset, tmp_path):
     assert main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--episodes", "2"]) == 2
 
 
+def test_a_fixed_teacher_reports_no_soft_targets_and_no_teacher_accuracy(omniglot_dataset, tmp_path):
+    """RKD from a fixed teacher: its head is never trained, so its predictions (chance level) are not
+    reported; the KD gradient and the with/without comparison are."""
+    run(Config(backend="local", mlflow=False, method="fixed-teacher", teacher="conv4", teacher_widths=[8] * 4,
+               student_widths=[4] * 4, data_root=str(omniglot_dataset), out=str(tmp_path), iterations=1,
+               meta_batch=2, inner_steps=2, query=2, eval_every=0, test_episodes=2, allow_random_teacher=True))
+    result = diagnose(str(tmp_path / "checkpoint.pt"), "val", episodes=2)
+    assert result["kd_loss"] == "rkd" and result["soft_targets"] == {}
+    assert set(result["accuracy"]) == {"with_kd", "without_kd", "with_kd_minus_without"}
+    assert all(step["kd_grad_norm"]["mean"] > 0 for step in result["steps"])
+    assert "no soft targets: rkd" in format_diagnostics(result)
+
+
 def test_the_views_targets_are_scored_against_their_images_labels():
     """Views are view-major (row v * N + i is view v of support image i): a teacher that names each
     view's image's label is 100% accurate on them, and one that names the image-major order is not."""

@@ -9,7 +9,8 @@ Measured on seeded episodes of a TSMD (or fixed-teacher) checkpoint, with its ow
 - what KD can carry: the adapted teacher's temperature-softened support predictions, as the
   probability they leave off the true class (0 for a one-hot target: nothing beyond the labels)
   and their entropy, beside the teacher's support accuracy; the same on the views, whose argmax
-  accuracy says how often the teacher mislabels them;
+  accuracy says how often the teacher mislabels them (only for ``kd_loss: kl``: RKD distils the
+  teacher's embedding relations, not its predictions, and a fixed teacher's head is never trained);
 - ``with_kd`` against ``without_kd``: the query accuracy of the same meta-trained student adapted
   with and without the KD term, and of the adapted teacher: what the guidance is worth at
   adaptation time, episode by episode.
@@ -102,8 +103,8 @@ def diagnose_episode(worker: TaskWorker, episode: Any) -> dict[str, Any]:
     if s.adapt_teacher:
         logits = query_logits(worker.teacher, psi_task, sx, qx, s.query_statistics)
         accuracy["teacher"] = float((logits.argmax(-1) == qy).float().mean())
-    temperature = worker.cfg.kd_temperature if worker.cfg.resolved_kd_loss == "kl" else 1.0
-    return {"steps": steps, "accuracy": accuracy, "soft_targets": soft_targets(teacher, sy, temperature)}
+    targets = soft_targets(teacher, sy, worker.cfg.kd_temperature) if worker.cfg.resolved_kd_loss == "kl" else {}
+    return {"steps": steps, "accuracy": accuracy, "soft_targets": targets}
 
 
 def diagnose(checkpoint: str, split: str = "val", episodes: int = 100, **overrides: Any) -> dict[str, Any]:
@@ -147,8 +148,12 @@ def format_diagnostics(result: dict[str, Any]) -> str:
         lines.append(f"{s['step']:>10} | {s['ce_grad_norm']['mean']:.4f} | {s['kd_grad_norm']['mean']:.4f} | "
                      f"{s['kd_over_ce']['mean']:.3f} | {s['cosine']['mean']:+.3f}")
     soft = result["soft_targets"]
-    lines.append(f"teacher's soft support targets: {pct(soft['off_target_mass'])}% of the mass off the true class, "
-                 f"entropy {soft['entropy']['mean']:.3f} nats, teacher support accuracy {pct(soft['teacher_support_acc'])}%")
+    if soft:
+        lines.append(f"teacher's soft support targets: {pct(soft['off_target_mass'])}% of the mass off the true "
+                     f"class, entropy {soft['entropy']['mean']:.3f} nats, teacher support accuracy "
+                     f"{pct(soft['teacher_support_acc'])}%")
+    else:
+        lines.append(f"no soft targets: {result['kd_loss']} distils the teacher's embedding relations")
     if "teacher_views_acc" in soft:
         lines.append(f"on the views: {pct(soft['views_off_target_mass'])}% of the mass off the true class, entropy "
                      f"{soft['views_entropy']['mean']:.3f} nats, teacher accuracy {pct(soft['teacher_views_acc'])}%")
