@@ -17,7 +17,7 @@ import yaml
 from .checkpoint import load_checkpoint
 from .config import METHODS, RESUMABLE_KEYS, Config, changed_keys, load_yaml
 from .errors import RequestError, one_line
-from .tables import FAILED, ROW_MODEL, ROW_NAMES, md_row
+from .tables import FAILED, ROW_MODEL, ROW_NAMES, md_row, validation_metric
 
 log = logging.getLogger("tsmd_ray.grid")
 
@@ -188,7 +188,7 @@ def progress(cell: Cell) -> dict[str, Any]:
     row: dict[str, Any] = {"state": "unfinished" if records else "not started", "iterations": cell.cfg.iterations,
                            "iteration": max((int(r["step"]) for r in records if any(k.startswith("train/") for k in r)),
                                             default=0)}
-    curve = series(records).get(f"val/{ROW_MODEL[cell.method]}_acc")
+    curve = series(records).get(validation_metric(cell.method))
     if curve:
         steps, values = curve
         best = max(range(len(values)), key=values.__getitem__)

@@ -24,6 +24,11 @@ SEED_STYLES = ("-", "--", ":", "-.")  # a method's seeds in the validation curve
 COLOURS = {"student": "#1f77b4", "fixed-teacher": "#2ca02c", "tsmd": "#d62728", "oracle": "#7f7f7f"}
 
 
+def validation_metric(method: str) -> str:
+    """The meta-validation metric of a row's model: what early stopping selects on, what curves draw."""
+    return f"val/{ROW_MODEL[method]}_acc"
+
+
 class CellLike(Protocol):
     setting: str
     method: str
@@ -293,7 +298,7 @@ def plot_validation_curves(cells: Sequence[CellLike], out: str | Path, title: st
     from .plots import fit_title, plt, read_metrics, save_figure, series
 
     settings = list(dict.fromkeys(c.setting for c in cells))
-    curves = [(c, series(read_metrics(c.out / "metrics.jsonl")).get(f"val/{ROW_MODEL[c.method]}_acc"))
+    curves = [(c, series(read_metrics(c.out / "metrics.jsonl")).get(validation_metric(c.method)))
               for c in cells if (c.out / "metrics.jsonl").is_file()]
     if not any(curve for _, curve in curves):
         return None
