@@ -30,6 +30,11 @@ def test_grid_expands_settings_by_methods(tmp_path):
     assert by[("5-way 1-shot", "tsmd")].resolved_kd_loss == "kl"
     assert len({c.cfg.out for c in cells}) == 8
     assert len(write_configs(grid_path, tmp_path / "cfgs")) == 8
+    written = write_configs(grid_path, tmp_path / "some", methods=["tsmd"])
+    assert [p.name for p in written] == ["g-5-way-1-shot-tsmd.yaml", "g-20w5s-tsmd.yaml"]
+    with pytest.raises(ValueError, match="--methods teacher: accepted the grid's methods"):
+        write_configs(grid_path, tmp_path / "none", methods=["teacher"])
+    assert not (tmp_path / "none").exists()
 
 
 def test_bad_grids_are_refused(tmp_path):

@@ -248,6 +248,9 @@ def test_status_says_where_each_cell_stands_and_writes_nothing(tmp_path, capsys)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # --status writes nothing
     with pytest.raises(SystemExit):
         main(["--grid", str(grid_path), "--status", "--resume"])
+    with pytest.raises(SystemExit):
+        main(["--grid", str(grid_path), "--expand", str(tmp_path / "cfgs"), "--resume"])
+    assert not (tmp_path / "cfgs").exists()
 
 
 def test_pairing_refuses_different_episode_counts(tmp_path):

@@ -225,11 +225,23 @@ def progress_table(cells: Sequence[Cell]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_configs(grid_path: str | Path, folder: str | Path, out: str | Path | None = None) -> list[Path]:
-    """One ``python -m tsmd_ray.train --config`` YAML per cell of the grid."""
+def check_methods(grid: dict[str, Any], methods: Sequence[str] | None, grid_path: str | Path) -> None:
+    """Refuse ``--methods`` that are not rows of the grid."""
+    unknown = sorted(set(methods or ()) - set(grid["methods"]))
+    if unknown:
+        raise RequestError("grid", f"--methods {', '.join(unknown)}: accepted the grid's methods "
+                           f"({', '.join(grid['methods'])}) in {grid_path}")
+
+
+def write_configs(grid_path: str | Path, folder: str | Path, out: str | Path | None = None,
+                  methods: Sequence[str] | None = None) -> list[Path]:
+    """One ``python -m tsmd_ray.train --config`` YAML per cell of the grid (of ``methods`` if given)."""
     grid = load_grid(grid_path)
+    check_methods(grid, methods, grid_path)
     paths = []
     for cell in expand(grid, grid_out(grid, out)):
+        if methods and cell.method not in methods:
+            continue
         seed = f"-seed{cell.seed}" if grid.get("seeds") else ""
         path = Path(folder) / f"{grid['name']}-{slug(cell.setting)}-{cell.method}{seed}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)

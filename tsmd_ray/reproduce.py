@@ -35,8 +35,9 @@ with ``mlflow: true`` nest under it as they train; finished cells that were not 
 false``, trained elsewhere with ``train --config``, or while the store was away) are uploaded into
 it when the grid ends. The table goes in as metrics (``<setting>/<method>/acc``, ``.../ci95``,
 ``<setting>/<method>_minus_student/mean``) and files. ``--expand DIR`` only writes the cells'
-configs (one YAML per cell, for ``python -m tsmd_ray.train --config``); ``--table-only`` trains
-nothing and writes the table of the cells finished so far, recording them in the grid's run;
+configs (one YAML per cell, of ``--methods`` if given, for ``python -m tsmd_ray.train --config``);
+``--table-only`` trains nothing and writes the table of the cells finished so far, recording them
+in the grid's run;
 ``--status`` only prints where each cell stands (the last iteration, the best and last validation,
 the test accuracy of a finished cell), for grids that train over several sessions.
 """
@@ -56,7 +57,8 @@ import yaml
 from . import tracking
 from .config import Config
 from .errors import RequestError, ending, entry_point, failure_message
-from .grid import Cell, expand, finished, grid_out, load_grid, progress_table, slug, stale_checkpoint, write_configs
+from .grid import (Cell, check_methods, expand, finished, grid_out, load_grid, progress_table, slug,
+                   stale_checkpoint, write_configs)
 from .preflight import check_out_dir, check_training
 from .tables import FAILED, collect, markdown_table, plot_table
 
@@ -200,10 +202,7 @@ def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool
     ``table_only``, which implies ``resume``) and write the table of every finished cell; returns its data."""
     resume = resume or table_only
     grid = load_grid(grid_path)
-    unknown = sorted(set(methods or ()) - set(grid["methods"]))
-    if unknown:
-        raise RequestError("grid", f"--methods {', '.join(unknown)}: accepted the grid's methods "
-                           f"({', '.join(grid['methods'])}) in {grid_path}")
+    check_methods(grid, methods, grid_path)
     out = grid_out(grid, out)
     check_out_dir("--out", out)
     cells = expand(grid, out, resume)
@@ -249,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default runs/<grid name>)")
     parser.add_argument("--resume", action="store_true", help="skip finished cells, resume unfinished ones")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help="train only these rows now (the table shows every finished cell)")
+                        help="train (or --expand) only these rows now (the table shows every finished cell)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--table-only", action="store_true",
                       help="train nothing: write the table of the finished cells and record them in the grid's "
@@ -263,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(args: argparse.Namespace) -> int:
     if args.expand:
-        for path in write_configs(args.grid, args.expand, args.out):
+        for path in write_configs(args.grid, args.expand, args.out, args.methods):
             print(path)
         return 0
     if args.status:
@@ -285,6 +284,8 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.status and (args.resume or args.methods):
         parser.error("--status trains nothing: drop --resume and --methods")
+    if args.expand and args.resume:
+        parser.error("--expand only writes configs: drop --resume here and pass it to train --config")
     return args
 
 
