@@ -91,6 +91,24 @@ def test_tsmd_updates_both_and_resume_reproduces_the_trajectory(tmp_path, omnigl
     assert a["optimizers"]["psi"]["state"], "the teacher is meta-trained (Eq. 10a)"
 
 
+def steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_from_iteration_0_starts_its_own_records(tmp_path, omniglot_dataset, caplog):
+    cfg = tiny(tmp_path, omniglot_dataset, method="student", iterations=3, test_episodes=4)
+    run(cfg)
+    assert steps(tmp_path) == [1, 2, 3, 3]  # the last record is the test's
+    (tmp_path / "checkpoint.pt").unlink()  # e.g. records kept, checkpoint lost with a machine
+    with caplog.at_level("WARNING", logger="tsmd_ray.train"):
+        result = run(cfg.replace(iterations=2, resume=True))
+    assert steps(tmp_path) == [1, 2, 2]  # not the earlier run's records continued
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == result
+    assert "(no checkpoint.pt to resume from): removed the earlier run's metrics.jsonl, evaluation.json" in caplog.text
+    run(cfg.replace(iterations=4, resume=True))  # a resumed run keeps them and goes on
+    assert steps(tmp_path) == [1, 2, 2, 3, 4, 4]
+
+
 @pytest.mark.parametrize("method", ["oracle", "student"])
 def test_reptile_variants_run(tmp_path, omniglot_dataset, method):
     result = run(tiny(tmp_path, omniglot_dataset, method=method, meta_algorithm="reptile", iterations=2,

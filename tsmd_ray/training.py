@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 EVAL_CHUNK = 100  # episodes per evaluation call (the progress bar's step)
 BEST_NAME = "best.pt"  # with early stopping: the weights of the best meta-validation, what is tested
+RECORDS = ("metrics.jsonl", "evaluation.json", BEST_NAME)  # what a run writes besides its checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,6 +137,20 @@ class EarlyStopping:
         self.stale, self.best_state = state["stale"], state["best_state"]
 
 
+def resumes(cfg: Config) -> bool:
+    """Whether a run of ``cfg`` continues from a checkpoint (``resume`` and ``checkpoint.pt`` in ``out``)."""
+    return cfg.resume and (Path(cfg.out) / CHECKPOINT_NAME).is_file()
+
+
+def clear_records(out: str | Path) -> list[str]:
+    """Remove an earlier run's records from ``out`` before a run that starts from iteration 0 (its
+    ``metrics.jsonl`` would otherwise mix both trajectories); returns the names removed."""
+    removed = [name for name in RECORDS if (Path(out) / name).is_file()]
+    for name in removed:
+        (Path(out) / name).unlink()
+    return removed
+
+
 class Trainer:
     """Algorithm 1 over a runner; writes ``checkpoint.pt``, ``metrics.jsonl`` and ``evaluation.json``.
 
@@ -157,7 +172,7 @@ class Trainer:
         self.teacher_init_sha256 = file_sha256(cfg.teacher_init) if cfg.teacher_init and cfg.has_teacher else None
         self.stopping = EarlyStopping(f"val/{'student' if cfg.has_student else 'teacher'}_acc", cfg.patience) \
             if cfg.patience else None
-        if cfg.resume and (self.out / CHECKPOINT_NAME).is_file():
+        if resumes(cfg):
             self.restore(load_checkpoint(self.out / CHECKPOINT_NAME), self.out / CHECKPOINT_NAME)
 
     def restore(self, payload: dict[str, Any], source: str | Path) -> None:
