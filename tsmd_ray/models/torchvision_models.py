@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from .layers import replace_batchnorm
@@ -32,6 +31,8 @@ class TorchvisionClassifier(nn.Module):
 
     def __init__(self, arch: str, ways: int, in_channels: int, weights: str | Path | None = None,
                  adaptable: bool = True) -> None:
+        import torchvision  # only here: it imports torch._dynamo, about 2 s in every process
+
         super().__init__()
         body = torchvision.models.get_model(arch, weights=None)
         self.embedding_dim = _strip_classifier(body)
