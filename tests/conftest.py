@@ -12,12 +12,6 @@ from pathlib import Path
 
 import pytest
 
-# Ray Train's controller polls its workers every 2 s and starts a preemption-watcher actor per run:
-# on 2 cores, 15-18 s of each of the suite's Ray Train runs (31 against 49 s for a tiny all-reduce
-# run, 2026-12-07). Set before any Ray instance starts, so its actors and subprocesses inherit them.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-
 
 @pytest.fixture(scope="session")
 def omniglot_source() -> Path:
