@@ -11,6 +11,7 @@ shared machine's load falls on both sides; ratios are of medians.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -18,7 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a process imports, and the same plus torchvision (imported at module level before a886458).
@@ -40,23 +43,29 @@ cfg = config_from_args(build_parser().parse_args(tiny_flags({dataset!r}, {out!r}
                                                             "--aggregation", "allreduce")))
 started = time.perf_counter()
 run(cfg)
-print(time.perf_counter() - started)
+print("RUN_S", time.perf_counter() - started)
 """
 
 
-def timed(code: str, env: dict[str, str] | None = None) -> float:
-    """Wall seconds of ``python -c code`` in a fresh process (what the code prints, if a number)."""
+def timed(code: str, env: dict[str, str] | None = None, tag: str | None = None) -> float:
+    """Wall seconds of ``python -c code`` in a fresh process, or the seconds it prints after ``tag``.
+    ``env`` replaces the Ray Train settings of this environment."""
+    base = {k: v for k, v in os.environ.items() if k not in FAST_CONTROLLER}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, check=True)
+                          env={**base, **(env or {})})
     wall = time.perf_counter() - started
-    try:
-        return float(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
+    if proc.returncode != 0:
+        sys.exit(f"startup.py: the timed process failed:\n{proc.stderr[-3000:]}")
+    if tag is None:
         return wall
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(tag + " ")]
+    if not lines:
+        sys.exit(f"startup.py: the timed process printed no {tag} line:\n{proc.stdout[-2000:]}")
+    return float(lines[-1].split()[1])
 
 
-def interleaved(cases: dict[str, object], repeat: int, measure) -> dict[str, list[float]]:
+def interleaved(cases: dict[str, Any], repeat: int, measure: Callable[[Any], float]) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeat):
         for name, case in cases.items():
@@ -64,7 +73,7 @@ def interleaved(cases: dict[str, object], repeat: int, measure) -> dict[str, lis
     return times
 
 
-def summary(times: dict[str, list[float]], baseline: str) -> dict[str, object]:
+def summary(times: dict[str, list[float]], baseline: str) -> dict[str, Any]:
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     return {"seconds": times, "median_s": medians,
             "ratio_to_" + baseline: {name: round(m / medians[baseline], 2) for name, m in medians.items()}}
@@ -83,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
               "imports": summary(interleaved(IMPORTS, args.repeat, timed), "tsmd_ray.training")}
     if args.ray_train:
         with tempfile.TemporaryDirectory() as tmp:
-            runs = iter(range(10**6))
+            runs, dataset = itertools.count(), str(Path(args.ray_train).resolve())
 
             def ray_run(env: dict[str, str]) -> float:
                 out = str(Path(tmp) / f"run{next(runs)}")
-                return timed(RAY_TRAIN_RUN.format(root=str(ROOT), dataset=args.ray_train, out=out), env)
+                return timed(RAY_TRAIN_RUN.format(root=str(ROOT), dataset=dataset, out=out), env, tag="RUN_S")
 
             cases = {"default": {}, "fast controller": FAST_CONTROLLER}
             result["ray_train_run"] = summary(interleaved(cases, args.repeat, ray_run), "default")

@@ -107,6 +107,12 @@ def test_a_run_from_iteration_0_starts_its_own_records(tmp_path, omniglot_datase
     assert "(no checkpoint.pt to resume from): removed the earlier run's metrics.jsonl, evaluation.json" in caplog.text
     run(cfg.replace(iterations=4, resume=True))  # a resumed run keeps them and goes on
     assert steps(tmp_path) == [1, 2, 2, 3, 4, 4]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tsmd_ray.train"):
+        run(cfg.replace(iterations=1, resume=False))  # a new run in the same folder replaces the earlier one
+    assert steps(tmp_path) == [1, 1]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 0
+    assert "(resume is off): removed the earlier run's checkpoint.pt, metrics.jsonl, evaluation.json" in caplog.text
 
 
 @pytest.mark.parametrize("method", ["oracle", "student"])

@@ -61,7 +61,7 @@ from .grid import (Cell, check_methods, expand, finished, grid_out, load_grid, p
                    stale_checkpoint, write_configs)
 from .preflight import check_out_dir, check_training
 from .tables import FAILED, collect, markdown_table, plot_table
-from .training import CHECKPOINT_NAME, clear_records
+from .training import clear_run
 
 log = logging.getLogger("tsmd_ray.reproduce")
 
@@ -220,8 +220,8 @@ def reproduce(grid_path: str | Path, out: str | Path | None = None, resume: bool
                         cell.name, ", ".join(stale[:5]))
         (cell.out / FAILED).unlink(missing_ok=True)  # an earlier failure: this cell is trained again
         if stale or not resume:
-            clear_records(cell.out)
-            for name in (CHECKPOINT_NAME, "wall.json", tracking.RUN_FILE):
+            clear_run(cell.out)
+            for name in ("wall.json", tracking.RUN_FILE):
                 (cell.out / name).unlink(missing_ok=True)
     log.info("grid %s: %d cell(s), %d finished and skipped, %d to train", grid["name"], len(cells), skipped, len(todo))
     started = time.perf_counter()

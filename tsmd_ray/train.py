@@ -21,7 +21,7 @@ from .data import ArrowFewShotDataset
 from .engine import DataSpec
 from .errors import RequestError, entry_point
 from .preflight import check_training
-from .training import LocalRunner, Reporter, Runner, Trainer, clear_records, resumes
+from .training import LocalRunner, Reporter, Runner, Trainer, clear_run, resumes
 
 log = logging.getLogger("tsmd_ray.train")
 
@@ -45,13 +45,14 @@ def run(cfg: Config, reporters: Sequence[Reporter] = (), tracker: Any = None,
     its MLflow run ends with it (FAILED or KILLED with the error as its ``tsmd.error`` tag).
     """
     dataset_path = check_training(cfg)  # before Ray starts or an MLflow run opens
-    if not resumes(cfg) and (removed := clear_records(cfg.out)):
+    allreduce = cfg.backend == "ray" and cfg.aggregation == "allreduce"
+    if allreduce and (reporters or tracker is not None):
+        raise RequestError("config.allreduce", "aggregation=allreduce reports from inside Ray Train workers; "
+                           "use aggregation=driver here (Tune trials do)")
+    if not resumes(cfg) and (removed := clear_run(cfg.out)):
         log.warning("%s: training from iteration 0 (%s): removed the earlier run's %s", cfg.out,
                     "no checkpoint.pt to resume from" if cfg.resume else "resume is off", ", ".join(removed))
-    if cfg.backend == "ray" and cfg.aggregation == "allreduce":
-        if reporters or tracker is not None:
-            raise RequestError("config.allreduce", "aggregation=allreduce reports from inside Ray Train workers; "
-                               "use aggregation=driver here (Tune trials do)")
+    if allreduce:
         from .distributed.allreduce import run_allreduce
 
         with tracking.ends_run_in(cfg.out):  # its run lives in the Ray Train workers

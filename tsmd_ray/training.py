@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 EVAL_CHUNK = 100  # episodes per evaluation call (the progress bar's step)
 BEST_NAME = "best.pt"  # with early stopping: the weights of the best meta-validation, what is tested
-RECORDS = ("metrics.jsonl", "evaluation.json", BEST_NAME)  # what a run writes besides its checkpoint
+RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, "metrics.jsonl", "evaluation.json")  # what a run leaves in its out
 
 
 class NonFiniteLossError(RuntimeError):
@@ -142,10 +142,10 @@ def resumes(cfg: Config) -> bool:
     return cfg.resume and (Path(cfg.out) / CHECKPOINT_NAME).is_file()
 
 
-def clear_records(out: str | Path) -> list[str]:
-    """Remove an earlier run's records from ``out`` before a run that starts from iteration 0 (its
-    ``metrics.jsonl`` would otherwise mix both trajectories); returns the names removed."""
-    removed = [name for name in RECORDS if (Path(out) / name).is_file()]
+def clear_run(out: str | Path) -> list[str]:
+    """Remove an earlier run's files from ``out`` before a run that starts from iteration 0 (its
+    ``metrics.jsonl`` would mix both trajectories, a later resume its checkpoint); returns their names."""
+    removed = [name for name in RUN_FILES if (Path(out) / name).is_file()]
     for name in removed:
         (Path(out) / name).unlink()
     return removed

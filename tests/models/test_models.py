@@ -1,4 +1,7 @@
 """Backbones: shapes, embeddings, and batch norm written from primitive ops."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -58,6 +61,19 @@ def test_fixed_torchvision_teacher_loads_local_weights(tmp_path):
     assert isinstance(teacher.body.bn1, nn.BatchNorm2d), "a fixed teacher keeps its running statistics"
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         build_model("resnet18", 5, 3, 32, weights=tmp_path / "missing.pt")
+
+
+def test_only_a_torchvision_teacher_imports_torchvision():
+    """torchvision imports torch._dynamo, about 6 s in every process (docs/benchmarks.md, Start-up):
+    the training and its Ray actors must not pay it unless a torchvision teacher is built."""
+    code = ("import sys, tsmd_ray.training, tsmd_ray.distributed.actors\n"
+            "print('torchvision' in sys.modules)\n"
+            "from tsmd_ray.models import build_model\n"
+            "build_model('resnet18', 5, 1, 28)\n"
+            "print('torchvision' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "True"]
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -31,7 +31,7 @@ class TorchvisionClassifier(nn.Module):
 
     def __init__(self, arch: str, ways: int, in_channels: int, weights: str | Path | None = None,
                  adaptable: bool = True) -> None:
-        import torchvision  # only here: it imports torch._dynamo, about 2 s in every process
+        import torchvision  # only here: it imports torch._dynamo, about 6 s in every process
 
         super().__init__()
         body = torchvision.models.get_model(arch, weights=None)
