@@ -1,7 +1,7 @@
 """Start-up costs that every process pays: the imports of tsmd_ray's modules in a fresh interpreter
 (each CLI, Ray actor, Tune trial and Ray Train worker), and optionally a tiny all-reduce run on Ray
 Train under its default controller settings and with faster health checks and no preemption watcher
-(tried for the test suite; no gain measured on an idle machine, see docs/benchmarks.md).
+(the test suite's settings, tests/conftest.py; see docs/benchmarks.md, Start-up).
 
 Prints JSON; ``--json-out F`` also writes it. Rounds are interleaved (A, B, A, B, ...) so that a
 shared machine's load falls on both sides; ratios are of medians.

@@ -12,6 +12,13 @@ from pathlib import Path
 
 import pytest
 
+# Ray Train's controller checks its workers every 2 s and starts a preemption watcher per run. Faster
+# checks and no watcher: tests/distributed/test_allreduce.py with tests/test_pretrain.py took 290
+# against 350 s (one run each, 2026-12-07; docs/benchmarks.md, Start-up). Set before any Ray
+# instance starts, so that its actors and the tests' subprocesses inherit them.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 
 @pytest.fixture(scope="session")
 def omniglot_source() -> Path:
